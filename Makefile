@@ -1,0 +1,35 @@
+# Two commands matter to a newcomer: `make book` and `make test` (see README.md).
+# Both create .venv on first use and install the pinned environment into it.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: book test execute clean check-notebooks
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[book,test]"
+	touch $(STAMP)
+
+## book: build the HTML into _build/html from the stored notebook outputs, warnings as errors.
+book: $(STAMP)
+	rm -rf _build/html _build/.doctrees
+	$(VENV)/bin/jupyter-book build . --path-output . -W --keep-going
+	@echo "book: open _build/html/index.html"
+
+## test: unit tests, nbval over every chapter notebook, and the notebook consistency checks.
+test: $(STAMP)
+	$(PY) tools/notebooks.py check
+	$(PY) -m pytest --nbval --nbval-current-env -q
+
+## execute: re-run every chapter (md -> ipynb) deterministically and store the outputs.
+execute: $(STAMP)
+	$(PY) tools/notebooks.py execute
+
+clean:
+	rm -rf _build $(VENV) .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,23 @@
+"""companion: the importable package behind *How Optimality Structures Sparse Dictionaries*.
+
+Conventions: samples are rows of ``X`` (n_samples, n_features); atoms are rows of ``D``
+(n_atoms, n_features) with unit norm; codes ``Z`` (n_samples, n_atoms) are nonnegative; the
+reconstruction is ``Z @ D``. Every public function accepts torch tensors or numpy arrays and
+answers in kind.
+"""
+
+from .bounds import huber, huber_bound
+from .losses import joint_loss, sae_loss
+from .runtime import generator, pick_device, setup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "generator",
+    "huber",
+    "huber_bound",
+    "joint_loss",
+    "pick_device",
+    "sae_loss",
+    "setup",
+]
