@@ -27,9 +27,8 @@ BOOK = ROOT / "book"
 CELL_TIMEOUT_S = 900
 
 SETUP_CELL = """\
-# Set-up, the same in every chapter: in Colab, install `companion` from the repository
-# (Colab's torch already satisfies its range, so it is kept); everywhere, seed all random
-# streams and pick the device (CUDA when available, else CPU).
+# Set-up (the same in every chapter). In Colab: install `companion`, keeping
+# Colab's torch. Everywhere: seed all random streams and pick the device.
 import sys
 
 if "google.colab" in sys.modules:
