@@ -60,13 +60,31 @@ def paired_chapters() -> list[pathlib.Path]:
     return chapters
 
 
+def _merge_streams(outputs: list) -> list:
+    """Join consecutive outputs of the same stream.
+
+    How a cell's printing is split into stream messages depends on timing, so without this
+    a re-run could store the same text in a different number of pieces.
+    """
+    merged: list = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (out.get("output_type") == "stream" and prev is not None
+                and prev.get("output_type") == "stream" and prev.get("name") == out.get("name")):
+            prev["text"] += out["text"]
+        else:
+            merged.append(out)
+    return merged
+
+
 def _normalise(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Position-derived cell ids and no timing metadata, so that re-runs are byte-identical."""
     for i, cell in enumerate(nb.cells):
         cell["id"] = f"cell-{i:03d}"
         cell.metadata.pop("execution", None)
         if cell.cell_type == "code":
-            for out in cell.get("outputs", []):
+            cell.outputs = _merge_streams(cell.get("outputs", []))
+            for out in cell.outputs:
                 out.get("metadata", {}).pop("execution", None)
     nb.metadata.pop("widgets", None)
     nb.nbformat, nb.nbformat_minor = 4, 5
