@@ -7,12 +7,23 @@ answers in kind.
 """
 
 from .bounds import huber, huber_bound
+from .certificates import CertificateReport, certify
+from .coding import ConvergenceWarning, EncodeInfo, encode, nonneg_lasso_value
+from .dictionary import DictionaryFit, fit_dictionary
 from .losses import joint_loss, sae_loss
 from .runtime import generator, pick_device, setup
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CertificateReport",
+    "ConvergenceWarning",
+    "EncodeInfo",
+    "DictionaryFit",
+    "fit_dictionary",
+    "certify",
+    "encode",
+    "nonneg_lasso_value",
     "generator",
     "huber",
     "huber_bound",

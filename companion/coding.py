@@ -1,0 +1,517 @@
+"""Exact nonnegative-lasso codes (THEORY §1, T1; derived in Chapter 2).
+
+For a unit-norm dictionary ``D`` (atoms are rows) and penalty ``λ > 0`` the exact code of a
+sample ``x`` is
+
+.. math::
+    z^\\star(x) = \\operatorname{argmin}_{z \\ge 0}\\ \\tfrac12\\|x - zD\\|^2 + \\lambda\\,\\mathbf 1^\\top z ,
+
+and T1 says that ``z ≥ 0`` is optimal iff the residual ``r = x - zD`` satisfies
+``d_kᵀr ≤ λ`` for every atom, with equality wherever ``z_k > 0``.
+
+The solver is a batched Lawson–Hanson active-set method. Every row keeps a small support
+``S`` (a padded index tensor); all rows solve their support systems
+``D_S D_Sᵀ z_S = D_S x - λ1`` at once (gathered Gram sub-blocks, batched Cholesky); negative
+entries are removed by the Lawson–Hanson interpolation step (which keeps every iterate
+feasible and the objective monotone); the KKT condition off the support is checked with one
+``r Dᵀ`` product per outer iteration and the most violating atoms are added. Rows that have
+converged leave the batch. Rows that stall (rank-deficient or near-collinear supports) are
+finished by projected-gradient (FISTA) steps on the full dictionary. Rows are streamed in
+chunks, so peak memory is set by ``chunk_size`` and not by the number of samples.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, asdict
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ._validation import as_tensor, check_columns, check_dictionary, check_positive, check_positive_int
+
+__all__ = [
+    "ConvergenceWarning",
+    "EncodeInfo",
+    "encode",
+    "nonneg_lasso_value",
+    "default_chunk_size",
+    "default_tol",
+]
+
+
+class ConvergenceWarning(UserWarning):
+    """Raised (as a warning) when a solver stops before reaching its stated tolerance."""
+
+
+@dataclass
+class EncodeInfo:
+    """Diagnostics of one :func:`encode` call.
+
+    Attributes
+    ----------
+    n_iter : int
+        Largest number of outer active-set iterations used by any chunk of rows.
+    max_kkt_violation : float
+        Largest T1 violation over all rows:
+        ``max(max_k (d_kᵀr - λ)₊ off the support, max_k |d_kᵀr - λ| on the support)``
+        (codes are nonnegative by construction).
+    converged : bool
+        Whether ``max_kkt_violation <= tol``.
+    tol : float
+        The tolerance that was asked for.
+    n_fallback_rows : int
+        Rows the active-set method could not finish, handed to projected-gradient steps.
+    max_support : int
+        Largest number of nonzero entries in a row of the codes.
+    """
+
+    n_iter: int
+    max_kkt_violation: float
+    converged: bool
+    tol: float
+    n_fallback_rows: int
+    max_support: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_tol(X: torch.Tensor) -> float:
+    """Default KKT tolerance: ``1e-9`` (float64) or ``2e-4`` (float32), times ``max(1, max_n ‖x_n‖)``."""
+    scale = max(1.0, float(X.norm(dim=1).max())) if X.numel() else 1.0
+    return (1e-9 if X.dtype == torch.float64 else 2e-4) * scale
+
+
+def default_chunk_size(n_atoms: int) -> int:
+    """Rows per chunk so that one (chunk, n_atoms) work array holds about 2**23 entries."""
+    return int(max(256, min(8192, (1 << 23) // max(1, n_atoms))))
+
+
+# ----------------------------------------------------------------------------------------
+# batched active-set kernel (no input checks)
+# ----------------------------------------------------------------------------------------
+
+def _sort_support(idx: torch.Tensor, z: torch.Tensor, pad: int, *extra: torch.Tensor):
+    """Sort each row's support (padding ``pad`` last) and trim the common width."""
+    idx, order = idx.sort(dim=1)
+    z = z.gather(1, order)
+    extra = tuple(e.gather(1, order) for e in extra)
+    width = int((idx < pad).sum(1).max()) if idx.numel() else 0
+    width = max(width, 1)
+    return (idx[:, :width].contiguous(), z[:, :width].contiguous(),
+            *[e[:, :width].contiguous() for e in extra])
+
+
+def _gather_atoms(De: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``De[idx]`` as (m, w, d) (padding index → the zero atom)."""
+    return De.index_select(0, idx.reshape(-1)).view(idx.shape[0], idx.shape[1], De.shape[1])
+
+
+def _lawson_hanson_inner(De, Ce, rowmap, idx, z, lam, pad, ridge, new=None):
+    """Lawson–Hanson inner loop on every row at once.
+
+    From a feasible ``z ≥ 0`` on the padded support ``idx`` (padding index ``pad``), reach
+    the nonnegative minimiser of each row's support problem
+    ``min_{z_S ≥ 0} ½ z_Sᵀ G_SS z_S - (c_S - λ)ᵀ z_S``: solve the unconstrained system; if
+    some entries are not positive, step from ``z`` towards the solution as far as
+    feasibility allows and drop the entries that reach zero; repeat. The objective never
+    increases. ``rowmap`` maps local rows to rows of ``Ce`` (the chunk's ``[X Dᵀ, λ]``).
+
+    Returns ``(idx, z, new, DS)`` where dropped entries are set to padding and ``DS`` is
+    the gathered atoms of the *input* support (dropped entries have ``z = 0``, so
+    ``z @ DS`` is still the reconstruction).
+    """
+    m, w = idx.shape
+    dev = idx.device
+    DS = _gather_atoms(De, idx)                         # (m, w, d)
+    Afull = torch.bmm(DS, DS.transpose(1, 2))            # (m, w, w) Gram sub-blocks
+    cfull = Ce[rowmap.unsqueeze(1), idx] - lam           # (m, w), padding gives 0
+    eye = torch.eye(w, dtype=z.dtype, device=dev)
+    if new is None:
+        new = torch.zeros_like(idx, dtype=torch.bool)
+    zero = torch.zeros((), dtype=z.dtype, device=dev)
+    todo = torch.arange(m, device=dev)
+    for _ in range(w + 2):
+        if todo.numel() == 0:
+            break
+        it, zt = idx[todo], z[todo]
+        valid = it < pad
+        A = torch.where(valid.unsqueeze(2) & valid.unsqueeze(1), Afull[todo], eye)
+        b = torch.where(valid, cfull[todo], zero).unsqueeze(2)
+        L, info = torch.linalg.cholesky_ex(A)
+        bad = info != 0
+        if bool(bad.any()):               # rank-deficient support: small ridge
+            L = L.clone()
+            Ab = A[bad] + ridge * eye
+            Lb, infob = torch.linalg.cholesky_ex(Ab)
+            still = infob != 0
+            if bool(still.any()):
+                Lb[still] = torch.linalg.cholesky(Ab[still] + (1e4 * ridge + 1e-6) * eye)
+            L[bad] = Lb
+        s = torch.cholesky_solve(b, L).squeeze(2)
+        neg = (s <= 0) & valid
+        anyneg = neg.any(1)
+        done = ~anyneg
+        if bool(done.any()):
+            rows = todo[done]
+            z[rows] = torch.where(valid[done], s[done], zero)
+        if not bool(anyneg.any()):
+            break
+        rows = todo[anyneg]
+        zt, st, nt, vt = zt[anyneg], s[anyneg], neg[anyneg], valid[anyneg]
+        denom = zt - st
+        ratio = torch.where(nt, zt / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                            torch.full_like(zt, math.inf))
+        alpha, amin = ratio.min(1)
+        alpha = alpha.clamp(0, 1).unsqueeze(1)
+        znew = zt + alpha * (st - zt)
+        # drop the entries the step drove to zero (not the fresh atoms that merely start
+        # at zero with a positive direction: they stay and grow in the next solve)
+        drop = (znew <= 0) & vt & (nt | (zt > 0))
+        drop.scatter_(1, amin.unsqueeze(1), True)
+        idx[rows] = torch.where(drop, torch.full_like(idx[rows], pad), idx[rows])
+        z[rows] = torch.where(drop | ~vt, zero, znew)
+        new[rows] = new[rows] & ~drop
+        todo = rows
+    return idx, z, new, DS
+
+
+def _dense(idx: torch.Tensor, z: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense (m, k) codes from padded supports (padding index ``k``)."""
+    out = z.new_zeros(idx.shape[0], k + 1)
+    out.scatter_(1, idx, torch.where(idx < k, z, torch.zeros_like(z)))
+    return out[:, :k]
+
+
+def _fista_rows(X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, lam: float,
+                tol: float, max_iter: int, Lip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected-gradient (FISTA with restart) on the full dictionary for a few rows.
+
+    Returns codes and each row's KKT violation.
+    """
+    C = X @ D.T
+    step = 1.0 / Lip
+    Y = Z.clone()
+    t = 1.0
+    Zold = Z.clone()
+    viol = _kkt_violation_dense(C, G, Z, lam)
+    for it in range(max_iter):
+        grad = Y @ G - C + lam
+        Znew = torch.clamp(Y - step * grad, min=0)
+        tn = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
+        # gradient-based restart
+        restart = ((Znew - Zold) * (Y - Znew)).sum(1) > 0
+        beta = (t - 1) / tn
+        Y = Znew + beta * (Znew - Zold)
+        Y[restart] = Znew[restart]
+        if bool(restart.any()):
+            tn = 1.0 if bool(restart.all()) else tn
+        Zold, t = Znew, tn
+        if it % 20 == 19 or it == max_iter - 1:
+            viol = _kkt_violation_dense(C, G, Znew, lam)
+            if float(viol.max()) <= tol:
+                break
+    Z = Zold
+    return Z, _kkt_violation_dense(C, G, Z, lam)
+
+
+def _kkt_violation_dense(C, G, Z, lam):
+    g = lam - C + Z @ G     # = λ - d_kᵀ r
+    on = Z > 0
+    v = torch.where(on, g.abs(), (-g).clamp(min=0))
+    return v.max(1).values
+
+
+def _encode_chunk(X, D, De, G, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback_iter):
+    """Encode one chunk of rows; returns ``(Z, n_iter, viol, n_fallback)``.
+
+    ``De``: the dictionary with one extra zero (padding) atom, index ``k``.
+    """
+    m, d = X.shape
+    k = D.shape[0]
+    pad = k
+    dev, dt = X.device, X.dtype
+    Ce = X @ De.T                      # (m, k+1): d_kᵀ x, padding column set to λ
+    Ce[:, k] = lam
+    Zout = torch.zeros(m, k + 1, dtype=dt, device=dev)    # column k collects padding
+    viol_out = torch.zeros(m, dtype=dt, device=dev)
+    allrows = torch.arange(m, device=dev)
+
+    # initial supports
+    if Z0 is not None and bool((Z0 > 0).any()):
+        pos = Z0 > 0
+        w = max(1, int(pos.sum(1).max()))
+        ar = torch.arange(k, device=dev).expand(m, k)
+        key = torch.where(pos, ar, torch.full_like(ar, pad))
+        idx = key.sort(1).values[:, :w].contiguous()
+        valid = idx < pad
+        z = torch.where(valid, Z0.gather(1, idx.clamp(max=k - 1)), Ce.new_zeros(m, w))
+        idx, z, _, DS = _lawson_hanson_inner(De, Ce, allrows, idx, z, lam, pad, ridge)
+        R = X - torch.bmm(z.unsqueeze(1), DS).squeeze(1)
+        idx, z = _sort_support(idx, z, pad)
+        from_zero = False
+    else:
+        idx = torch.full((m, 1), pad, dtype=torch.long, device=dev)
+        z = Ce.new_zeros(m, 1)
+        R = None
+        from_zero = True
+
+    act = allrows                      # rows still iterating
+    padd = torch.full((m,), p_add, dtype=torch.long, device=dev)
+    stalls = torch.zeros(m, dtype=torch.long, device=dev)
+    fallback = torch.zeros(m, dtype=torch.bool, device=dev)
+    n_iter = 0
+    while act.numel() and n_iter < max_iter:
+        n_iter += 1
+        ia, za = idx, z                # already restricted to act
+        # correlations d_kᵀ r for the active rows (padding column ≤ λ: never added)
+        if from_zero:                  # empty supports: r = x
+            corr = Ce
+            v_on = torch.zeros(m, dtype=dt, device=dev)
+            p_now = p_first
+        else:
+            corr = R @ De.T
+            valid = ia < pad
+            on_corr = corr.gather(1, ia)
+            v_on = torch.where(valid, (on_corr - lam).abs(), torch.zeros_like(on_corr)).max(1).values
+            corr.scatter_(1, ia, -math.inf)          # hide the support (and padding)
+            p_now = int(padd[act].max())
+        if p_now == 1:
+            top_val, top_idx = corr.max(1, keepdim=True)
+        else:
+            top_val, top_idx = corr.topk(min(p_now, k), dim=1)
+        v_off = (top_val[:, 0] - lam).clamp(min=0)
+        v = torch.maximum(v_on, v_off)
+        conv = v <= tol
+        if bool(conv.any()):
+            rows = act[conv]
+            Zout[rows.unsqueeze(1), ia[conv]] = za[conv]
+            viol_out[rows] = v[conv]
+            keep = ~conv
+            if not bool(keep.any()):
+                act = act[:0]
+                break
+            act, ia, za, top_val, top_idx = act[keep], ia[keep], za[keep], top_val[keep], top_idx[keep]
+        # add the top violators: p_first in the first round, then at most padd per row
+        rank = torch.arange(top_idx.shape[1], device=dev).unsqueeze(0)
+        if from_zero:
+            nadd = torch.full((act.numel(),), p_first, dtype=torch.long, device=dev)
+            from_zero = False
+        else:
+            nadd = padd[act]
+        add = (top_val - lam > tol) & (rank < nadd.unsqueeze(1))
+        add_idx = torch.where(add, top_idx, torch.full_like(top_idx, pad))
+        idx_new = torch.cat([ia, add_idx], 1)
+        z_new = torch.cat([za, torch.zeros_like(add_idx, dtype=dt)], 1)
+        new_flag = torch.cat([torch.zeros_like(ia, dtype=torch.bool), add], 1)
+        idx_new, z_new, new_flag, DS = _lawson_hanson_inner(De, Ce, act, idx_new, z_new, lam,
+                                                            pad, ridge, new_flag)
+        R = X[act] - torch.bmm(z_new.unsqueeze(1), DS).squeeze(1)
+        survived = new_flag.any(1)
+        added_any = add.any(1)
+        # a stall: the atoms added all dropped out again, or only an on-support refinement
+        # was possible; after a stall add one atom at a time (the Lawson–Hanson guarantee)
+        stalled = ~(added_any & survived)
+        st = torch.where(stalled, stalls[act] + 1, torch.zeros_like(stalls[act]))
+        stalls[act] = st
+        padd[act] = torch.where(stalled, torch.ones_like(nadd), torch.minimum(nadd, padd[act]))
+        give_up = st >= 3
+        if bool(give_up.any()):
+            rows = act[give_up]
+            fallback[rows] = True
+            Zout[rows.unsqueeze(1), idx_new[give_up]] = z_new[give_up]
+            ok = ~give_up
+            act, idx_new, z_new, R = act[ok], idx_new[ok], z_new[ok], R[ok]
+        idx, z = _sort_support(idx_new, z_new, pad)
+    # rows that ran out of iterations also go to the fallback
+    if act.numel():
+        fallback[act] = True
+        Zout[act.unsqueeze(1), idx] = z
+    Zout = Zout[:, :k]
+    n_fb = int(fallback.sum())
+    if n_fb:
+        rows = torch.nonzero(fallback).flatten()
+        Lip = float(torch.linalg.eigvalsh(G).max())
+        Zf, vf = _fista_rows(X[rows], D, G, Zout[rows], lam, tol, fallback_iter, Lip)
+        Zout[rows] = Zf
+        viol_out[rows] = vf
+    return Zout, n_iter, viol_out, n_fb
+
+
+def encode(
+    X: Any,
+    D: Any,
+    lam: float,
+    *,
+    tol: float | None = None,
+    max_iter: int = 200,
+    chunk_size: int | None = None,
+    Z0: Any = None,
+    return_info: bool = False,
+    progress: bool = False,
+    add_per_iter: int = 2,
+    first_add: int | None = None,
+    fallback_iter: int = 5000,
+):
+    r"""Exact nonnegative-lasso codes of every row of ``X`` (Chapter 2, T1).
+
+    Solves, independently for every sample :math:`x_n` (a row of ``X``),
+
+    .. math::
+        z_n = \operatorname{argmin}_{z\ge 0}\ \tfrac12\|x_n - zD\|_2^2 + \lambda\,\mathbf 1^\top z,
+
+    to the KKT tolerance ``tol`` of T1: with :math:`r_n = x_n - z_nD`,
+    :math:`d_k^\top r_n \le \lambda` for every atom and :math:`d_k^\top r_n = \lambda` wherever
+    :math:`z_{nk} > 0`. Equivalently :math:`r_n` is the projection of :math:`x_n` onto the
+    polyhedron :math:`\{r : Dr \le \lambda\mathbf 1\}`.
+
+    Method: batched Lawson–Hanson active set (see the module docstring); every iterate is
+    feasible and the per-row objective decreases monotonically.
+
+    Parameters
+    ----------
+    X : array (n_samples, n_features)
+        Samples as rows.
+    D : array (n_atoms, n_features)
+        Dictionary with unit-norm rows (atoms); same dtype and device as ``X``.
+    lam : float
+        The penalty :math:`\lambda > 0`.
+    tol : float, optional
+        KKT tolerance on :math:`|d_k^\top r - \lambda|` (support) and
+        :math:`(d_k^\top r - \lambda)_+` (off support). Default :func:`default_tol`:
+        ``1e-9`` in float64 and ``2e-4`` in float32, times ``max(1, max_n ‖x_n‖)``.
+    max_iter : int
+        Maximum outer active-set iterations per chunk (each costs one ``r Dᵀ`` product on
+        the rows not yet converged).
+    chunk_size : int, optional
+        Rows processed at once; peak memory is ``O(chunk_size · n_atoms)``. Default
+        :func:`default_chunk_size`.
+    Z0 : array (n_samples, n_atoms), optional
+        Nonnegative warm start (its supports seed the active sets), e.g. the previous codes
+        while learning a dictionary.
+    return_info : bool
+        Also return an :class:`EncodeInfo`.
+    progress : bool
+        Show a tqdm bar over chunks (stderr; honours ``TQDM_DISABLE``).
+    add_per_iter : int
+        Most violating atoms added per row per outer iteration (falls back to one when an
+        addition makes no progress, which restores the Lawson–Hanson guarantee).
+    first_add : int, optional
+        Atoms added in the first round, from the correlations ``Dx`` alone (screening);
+        default ``max(add_per_iter, min(8, n_features))``.
+    fallback_iter : int
+        Projected-gradient iterations allowed for rows the active-set method hands over.
+
+    Returns
+    -------
+    Z : array (n_samples, n_atoms)
+        Nonnegative codes, same kind/dtype/device as ``X``.
+    info : EncodeInfo
+        Only when ``return_info=True``.
+
+    Warns
+    -----
+    ConvergenceWarning
+        When the largest KKT violation exceeds ``tol``; the message names the violation.
+    """
+    lam = check_positive(lam, "lam")
+    Xt, kind = as_tensor(X, "X", ndim=2)
+    Dt, _ = as_tensor(D, "D", ndim=2, like=Xt)
+    check_columns(Dt, "D", Xt.shape[1], "X")
+    check_dictionary(Dt, "D")
+    max_iter = check_positive_int(max_iter, "max_iter")
+    add_per_iter = check_positive_int(add_per_iter, "add_per_iter")
+    fallback_iter = check_positive_int(fallback_iter, "fallback_iter")
+    if first_add is not None:
+        first_add = check_positive_int(first_add, "first_add")
+    n, k = Xt.shape[0], Dt.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(k)
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    if tol is None:
+        tol = default_tol(Xt)
+    else:
+        tol = check_positive(tol, "tol")
+    Z0t = None
+    if Z0 is not None:
+        Z0t, _ = as_tensor(Z0, "Z0", ndim=2, like=Xt)
+        if tuple(Z0t.shape) != (n, k):
+            raise ValueError(f"Z0 must have shape (n_samples, n_atoms) = {(n, k)}, got {tuple(Z0t.shape)}")
+        if bool((Z0t < 0).any()):
+            raise ValueError(f"Z0 must be nonnegative; its smallest entry is {float(Z0t.min()):.3g}")
+
+    with torch.no_grad():
+        Z, info = _encode_tensor(Xt, Dt, lam, tol, max_iter, chunk_size, Z0t, progress,
+                                 add_per_iter, fallback_iter, first_add)
+    if not info.converged:
+        warnings.warn(
+            f"encode did not reach tol={tol:.3g}: largest KKT violation {info.max_kkt_violation:.3g} "
+            f"after {info.n_iter} active-set iterations and {fallback_iter} fallback iterations "
+            f"on {info.n_fallback_rows} rows",
+            ConvergenceWarning, stacklevel=2)
+    Zo = kind.out(Z)
+    return (Zo, info) if return_info else Zo
+
+
+def _encode_tensor(X, D, lam, tol, max_iter, chunk_size, Z0, progress, add_per_iter,
+                   fallback_iter, first_add=None):
+    """Tensor-only core of :func:`encode` (inputs already validated)."""
+    n, k = X.shape[0], D.shape[0]
+    dev, dt = X.device, X.dtype
+    if first_add is None:
+        first_add = max(add_per_iter, min(8, D.shape[1]))
+    G = D @ D.T
+    De = torch.cat([D, D.new_zeros(1, D.shape[1])], 0)
+    ridge = (1e-12 if dt == torch.float64 else 1e-6)
+    Z = torch.zeros(n, k, dtype=dt, device=dev)
+    n_iter, vmax, n_fb, smax = 0, 0.0, 0, 0
+    starts = range(0, n, chunk_size)
+    for s in tqdm(starts, disable=not progress, desc="encode", unit="chunk", leave=False):
+        e = min(n, s + chunk_size)
+        Zc, it, v, fb = _encode_chunk(X[s:e], D, De, G, lam, tol, max_iter,
+                                      None if Z0 is None else Z0[s:e], first_add, add_per_iter,
+                                      ridge, fallback_iter)
+        Z[s:e] = Zc
+        n_iter = max(n_iter, it)
+        if v.numel():
+            vmax = max(vmax, float(v.max()))
+        n_fb += fb
+        if Zc.numel():
+            smax = max(smax, int((Zc > 0).sum(1).max()))
+    info = EncodeInfo(n_iter=n_iter, max_kkt_violation=vmax, converged=vmax <= tol, tol=tol,
+                      n_fallback_rows=n_fb, max_support=smax)
+    return Z, info
+
+
+def nonneg_lasso_value(X: Any, D: Any, lam: float, *, reduction: str = "mean",
+                       **encode_kwargs) -> Any:
+    r"""Value function of the nonnegative lasso (Chapter 2, T1).
+
+    .. math::
+        f(x; D) = \min_{z\ge 0} \tfrac12\|x - zD\|^2 + \lambda \mathbf 1^\top z
+                = \tfrac12\|x\|^2 - \tfrac12\|x - \Pi_{P_\lambda(D)}(x)\|^2 ,
+
+    evaluated with exact codes from :func:`encode`.
+
+    Parameters
+    ----------
+    reduction : {"mean", "none"}
+        ``"mean"`` returns :math:`F(D) = \frac1N\sum_n f(x_n; D)` as a float; ``"none"``
+        returns the per-row values as an array of the caller's kind.
+    **encode_kwargs
+        Passed to :func:`encode` (e.g. ``tol``, ``chunk_size``).
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    Xt, kind = as_tensor(X, "X", ndim=2)
+    Dt, _ = as_tensor(D, "D", ndim=2, like=Xt)
+    Z = encode(Xt, Dt, lam, **encode_kwargs)
+    with torch.no_grad():
+        R = Xt - Z @ Dt
+        f = 0.5 * (R * R).sum(1) + float(lam) * Z.sum(1)
+    if reduction == "mean":
+        return float(f.mean()) if f.numel() else 0.0
+    return kind.out(f)

@@ -1,0 +1,143 @@
+"""Tests for companion.certificates.certify (Chapter 2: T1, T2, duality; THEORY §3)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from companion import huber_bound, joint_loss
+from companion.certificates import CertificateReport, certify
+from companion.coding import encode
+
+from test_coding import make_problem, objective  # noqa: F401  (shared generators)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_exact_codes_are_certified_and_loss_matches_joint_loss():
+    X, D = make_problem(200, 12, 30, 0)
+    lam = 0.1
+    rep = certify(X, D, lam)
+    assert isinstance(rep, CertificateReport) and rep.exact_codes
+    assert rep.t1_violation <= 1e-6
+    assert abs(rep.duality_gap) <= 1e-9
+    Z = encode(X, D, lam)
+    assert abs(rep.loss - joint_loss(X, D, Z, lam)) <= 1e-12
+    assert rep.new_atom_gain >= 0
+
+
+def test_perturbed_codes_are_flagged():
+    X, D = make_problem(200, 12, 30, 1)
+    lam = 0.1
+    Z = encode(X, D, lam)
+    rep = certify(X, D, lam, Z * 1.02)
+    assert rep.t1_violation > 1e-3
+    assert rep.duality_gap > 1e-6 and rep.relative_duality_gap > 1e-6
+    Zn = Z.copy(); Zn[0, 0] = -0.5
+    assert certify(X, D, lam, Zn).t1_violation >= 0.5
+
+
+def test_random_dictionary_fails_t2_but_passes_t1():
+    X, D = make_problem(300, 10, 20, 2)
+    rng = np.random.default_rng(0)
+    Dr = rng.standard_normal(D.shape); Dr /= np.linalg.norm(Dr, axis=1, keepdims=True)
+    rep = certify(X, Dr, 0.1)
+    assert rep.t1_violation <= 1e-6
+    assert rep.t2_violation > 1e-2
+    assert not rep.is_stationary()
+    used = np.asarray(rep.usage) > 0
+    assert np.nanmin(np.asarray(rep.centroid_cosine)[used]) < 0.99
+
+
+def test_wide_limit_meets_huber_bound_and_t2():
+    """One atom per datapoint (T4): codes ‖x‖-λ, loss = Huber bound, T2 holds exactly."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((15, 20)) * 2
+    D = X / np.linalg.norm(X, axis=1, keepdims=True)
+    lam = 0.3
+    rep = certify(X, D, lam)
+    assert abs(rep.loss - huber_bound(X, lam)) <= 1e-10
+    assert rep.t1_violation <= 1e-8 and rep.t2_violation <= 1e-8
+    assert rep.max_residual_norm <= lam + 1e-10
+    assert rep.new_atom_gain <= 1e-20
+
+
+def test_chunked_equals_unchunked():
+    X, D = make_problem(157, 9, 25, 4)
+    lam = 0.12
+    Z = encode(X, D, lam)
+    a = certify(X, D, lam, Z)
+    b = certify(X, D, lam, Z, chunk_size=10)
+    for f in ("loss", "t1_violation", "t2_violation", "duality_gap", "max_residual_norm",
+              "new_atom_gain"):
+        assert abs(getattr(a, f) - getattr(b, f)) <= 1e-10 * max(1, abs(getattr(a, f))), f
+    np.testing.assert_allclose(a.atom_t2, b.atom_t2, atol=1e-10)
+    np.testing.assert_allclose(a.usage, b.usage)
+    assert a.dead_atoms == b.dead_atoms
+    c = certify(X, D, lam, chunk_size=13)      # exact codes computed chunk by chunk
+    assert abs(c.loss - a.loss) <= 1e-9
+
+
+def test_dead_atom_strict_local_minimum_flag():
+    X, D = make_problem(100, 8, 12, 5)
+    X = np.abs(X)                               # nonnegative data
+    away = -np.ones((1, 8)) / np.sqrt(8)        # points away from every datum
+    D2 = np.vstack([D, away])
+    rep = certify(X, D2, 0.1)
+    assert 12 in rep.dead_atoms
+    assert rep.dead_atoms_strict[rep.dead_atoms.index(12)] is True
+    assert np.isnan(np.asarray(rep.centroid_cosine)[12])
+
+
+def test_new_atom_gain_is_a_guaranteed_decrease():
+    """§3: adding u lowers the loss by at least (1/2N) Σ (uᵀr - λ)₊²."""
+    X, D = make_problem(200, 10, 12, 6)
+    lam = 0.1
+    Dm = D[:6]                                   # half the generating atoms are missing
+    rep = certify(X, Dm, lam)
+    assert rep.new_atom_gain > 1e-3 and rep.new_atom_excess > 0
+    u = np.asarray(rep.new_atom)
+    assert abs(np.linalg.norm(u) - 1) <= 1e-12
+    rep2 = certify(X, np.vstack([Dm, u[None]]), lam)
+    assert rep2.loss <= rep.loss - rep.new_atom_gain + 1e-12
+
+
+def test_report_kinds_serialisation_and_summary():
+    X, D = make_problem(50, 6, 9, 7)
+    rep = certify(X, D, 0.1)
+    assert isinstance(rep.usage, np.ndarray) and rep.usage.shape == (9,)
+    s = json.dumps(rep.to_dict())
+    assert "t2_violation" in s
+    text = str(rep)
+    assert "T1 violation" in text and "T2 violation" in text and "e-" in text
+    rt = certify(torch.from_numpy(X).float(), torch.from_numpy(D).float(), 0.1)
+    assert isinstance(rt.usage, torch.Tensor) and rt.usage.dtype == torch.float32
+    assert rt.t1_violation <= 1e-3
+    json.dumps(rt.to_dict())
+
+
+def test_input_errors():
+    X, D = make_problem(20, 6, 9, 8)
+    with pytest.raises(ValueError, match="rescale the codes"):
+        certify(X, 3 * D, 0.1)
+    Dz = D.copy(); Dz[1] = 0
+    with pytest.raises(ValueError, match="D has zero-norm"):
+        certify(X, Dz, 0.1)
+    with pytest.raises(ValueError, match="lam"):
+        certify(X, D, 0)
+    with pytest.raises(ValueError, match="Z must have shape"):
+        certify(X, D, 0.1, np.zeros((20, 8)))
+    Zi = np.zeros((20, 9)); Zi[0, 0] = np.inf
+    with pytest.raises(ValueError, match="Z"):
+        certify(X, D, 0.1, Zi)
+    with pytest.raises(ValueError, match="tol_active"):
+        certify(X, D, 0.1, tol_active=-1)
+    with pytest.raises(TypeError, match="Z"):
+        certify(X, D, 0.1, np.zeros((20, 9), dtype=np.float32))

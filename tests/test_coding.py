@@ -1,0 +1,213 @@
+"""Tests for companion.coding.encode against independent oracles (Chapter 2, T1)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from companion.coding import ConvergenceWarning, EncodeInfo, encode, nonneg_lasso_value
+from companion.certificates import certify
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny batched kernels: one thread avoids OpenMP spin-waits on a loaded 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_problem(n, d, k, seed, s=3, noise=0.05, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((k, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    Z = np.zeros((n, k))
+    for i in range(n):
+        idx = rng.choice(k, size=min(s, k), replace=False)
+        Z[i, idx] = rng.uniform(0.5, 1.5, size=idx.size)
+    X = Z @ D + noise * rng.standard_normal((n, d))
+    return X.astype(dtype), D.astype(dtype)
+
+
+def objective(X, D, Z, lam):
+    R = X - Z @ D
+    return 0.5 * (R * R).sum(1) + lam * Z.sum(1)
+
+
+def qp_projection(x, D, lam):
+    """Independent oracle: Euclidean projection of x onto {r : D r <= lam} by SLSQP."""
+    cons = {"type": "ineq", "fun": lambda r: lam - D @ r, "jac": lambda r: -D}
+    res = scipy.optimize.minimize(lambda r: 0.5 * np.sum((r - x) ** 2), np.zeros_like(x),
+                                  jac=lambda r: r - x, constraints=[cons], method="SLSQP",
+                                  options={"ftol": 1e-15, "maxiter": 1000})
+    return res.x
+
+
+def lbfgsb_codes(x, D, lam):
+    """Independent oracle: the primal by L-BFGS-B with bounds z >= 0."""
+    G, c = D @ D.T, D @ x
+    f = lambda z: (0.5 * z @ G @ z - (c - lam) @ z, G @ z - (c - lam))
+    res = scipy.optimize.minimize(f, np.zeros(D.shape[0]), jac=True, method="L-BFGS-B",
+                                  bounds=[(0, None)] * D.shape[0],
+                                  options={"ftol": 1e-16, "gtol": 1e-12, "maxiter": 5000})
+    return res.x
+
+
+@pytest.mark.parametrize("seed,d,k", [(0, 6, 4), (1, 6, 12), (2, 8, 20), (3, 5, 5)])
+def test_residual_is_qp_projection(seed, d, k):
+    X, D = make_problem(8, d, k, seed)
+    lam = 0.2
+    Z = encode(X, D, lam)
+    R = X - Z @ D
+    for n in range(X.shape[0]):
+        r_qp = qp_projection(X[n], D, lam)
+        np.testing.assert_allclose(R[n], r_qp, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_objective_matches_lbfgsb(seed):
+    X, D = make_problem(10, 8, 24, seed)
+    lam = 0.15
+    Z = encode(X, D, lam)
+    for n in range(X.shape[0]):
+        z = lbfgsb_codes(X[n], D, lam)
+        ours = objective(X[n:n + 1], D, Z[n:n + 1], lam)[0]
+        ref = objective(X[n:n + 1], D, z[None], lam)[0]
+        assert ours <= ref + 1e-10
+
+
+def test_objective_matches_sklearn_sparse_encode():
+    from sklearn.decomposition import sparse_encode
+    X, D = make_problem(300, 16, 48, 4)
+    lam = 0.1
+    Z = encode(X, D, lam)
+    # sklearn's lasso_cd divides alpha by n_features internally, so alpha=lam solves our problem
+    Zs = sparse_encode(X, D, alpha=lam, algorithm="lasso_cd", positive=True, max_iter=10000)
+    ours, ref = objective(X, D, Z, lam).mean(), objective(X, D, Zs, lam).mean()
+    assert ours <= ref * (1 + 1e-9)
+    assert abs(ours - ref) <= 1e-6 * ref
+
+
+@pytest.mark.parametrize("seed,shape", [(0, (50, 10, 5)), (1, (60, 8, 40)), (2, (40, 16, 64)),
+                                        (3, (30, 3, 30))])
+def test_kkt_property_random(seed, shape):
+    n, d, k = shape
+    X, D = make_problem(n, d, k, seed, s=min(3, k))
+    for lam in (0.05, 0.3):
+        Z, info = encode(X, D, lam, return_info=True)
+        assert isinstance(info, EncodeInfo) and info.converged
+        assert (Z >= 0).all()
+        rep = certify(X, D, lam, Z)
+        assert rep.t1_violation <= 1e-6
+        assert rep.duality_gap <= 1e-8
+
+
+def test_lambda_large_gives_zero_codes():
+    X, D = make_problem(20, 6, 10, 5)
+    lam = float(np.linalg.norm(X, axis=1).max()) + 1.0
+    Z = encode(X, D, lam)
+    assert np.all(Z == 0)
+
+
+def test_nonneg_lasso_value_matches_projection_identity():
+    X, D = make_problem(20, 6, 10, 6)
+    lam = 0.2
+    f = nonneg_lasso_value(X, D, lam, reduction="none")
+    for n in range(5):
+        r = qp_projection(X[n], D, lam)
+        expected = 0.5 * X[n] @ X[n] - 0.5 * np.sum((X[n] - r) ** 2)
+        assert abs(f[n] - expected) <= 1e-6
+    assert abs(nonneg_lasso_value(X, D, lam) - f.mean()) <= 1e-12
+
+
+def test_float32_and_kinds():
+    X, D = make_problem(64, 12, 30, 7)
+    lam = 0.1
+    Z64 = encode(X, D, lam)
+    Z32 = encode(X.astype(np.float32), D.astype(np.float32), lam)
+    assert isinstance(Z32, np.ndarray) and Z32.dtype == np.float32
+    o64 = objective(X, D, Z64, lam).mean()
+    o32 = objective(X, D, Z32.astype(np.float64), lam).mean()
+    assert abs(o32 - o64) <= 1e-4 * o64
+    Zt = encode(torch.from_numpy(X), torch.from_numpy(D), lam)
+    assert isinstance(Zt, torch.Tensor) and Zt.dtype == torch.float64
+    np.testing.assert_allclose(Zt.numpy(), Z64, atol=1e-12)
+    Zt32 = encode(torch.from_numpy(X).float(), torch.from_numpy(D).float(), lam)
+    assert Zt32.dtype == torch.float32
+    assert certify(torch.from_numpy(X).float(), torch.from_numpy(D).float(), lam,
+                   Zt32).t1_violation <= 1e-3
+
+
+def test_chunking_and_warm_start_agree():
+    X, D = make_problem(101, 10, 40, 8)
+    lam = 0.1
+    Z = encode(X, D, lam)
+    Zc = encode(X, D, lam, chunk_size=7)
+    np.testing.assert_allclose(Z, Zc, atol=1e-10)
+    rng = np.random.default_rng(0)
+    Z0 = np.abs(Z + 0.1 * rng.standard_normal(Z.shape)) * (rng.random(Z.shape) < 0.3)
+    Zw = encode(X, D, lam, Z0=Z0)
+    np.testing.assert_allclose(Z, Zw, atol=1e-8)
+
+
+def test_add_per_iter_variants_agree():
+    X, D = make_problem(80, 10, 60, 9)
+    Z1 = encode(X, D, 0.1, add_per_iter=1)
+    Z8 = encode(X, D, 0.1, add_per_iter=8)
+    np.testing.assert_allclose(Z1, Z8, atol=1e-6)
+
+
+def test_rank_deficient_and_duplicate_atoms():
+    rng = np.random.default_rng(10)
+    d = 4
+    D = rng.standard_normal((6, d))
+    D = np.vstack([D, D[:3], (D[0] + D[1])[None] / np.linalg.norm(D[0] + D[1])])   # duplicates + span
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    X = np.abs(rng.standard_normal((30, 10))) @ D + 0.01 * rng.standard_normal((30, d))
+    lam = 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        Z = encode(X, D, lam)
+    rep = certify(X, D, lam, Z)
+    assert rep.t1_violation <= 1e-6
+    for n in range(5):
+        z = lbfgsb_codes(X[n], D, lam)
+        assert objective(X[n:n+1], D, Z[n:n+1], lam)[0] <= objective(X[n:n+1], D, z[None], lam)[0] + 1e-9
+
+
+def test_convergence_warning_names_violation():
+    X, D = make_problem(40, 10, 60, 11)
+    with pytest.warns(ConvergenceWarning, match="KKT violation"):
+        Z, info = encode(X, D, 0.05, max_iter=1, fallback_iter=1, return_info=True)
+    assert not info.converged and info.max_kkt_violation > info.tol
+
+
+def test_input_errors():
+    X, D = make_problem(10, 5, 7, 12)
+    with pytest.raises(ValueError, match="lam"):
+        encode(X, D, 0.0)
+    with pytest.raises(ValueError, match="lam"):
+        encode(X, D, -1.0)
+    Xn = X.copy(); Xn[0, 0] = np.nan
+    with pytest.raises(ValueError, match="X"):
+        encode(Xn, D, 0.1)
+    with pytest.raises(ValueError, match="D"):
+        encode(X, D[:, :4], 0.1)
+    with pytest.raises(ValueError, match="D"):
+        encode(X, 2 * D, 0.1)
+    Dz = D.copy(); Dz[2] = 0
+    with pytest.raises(ValueError, match="D"):
+        encode(X, Dz, 0.1)
+    with pytest.raises(TypeError, match="D"):
+        encode(X, D.astype(np.float32), 0.1)
+    with pytest.raises(ValueError, match="X"):
+        encode(X[0], D, 0.1)
+    with pytest.raises(ValueError, match="Z0"):
+        encode(X, D, 0.1, Z0=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="Z0"):
+        encode(X, D, 0.1, Z0=-np.ones((10, 7)))
+    with pytest.raises(ValueError, match="chunk_size"):
+        encode(X, D, 0.1, chunk_size=0)
