@@ -12,6 +12,9 @@ from .coding import ConvergenceWarning, EncodeInfo, encode, nonneg_lasso_value
 from .dictionary import DictionaryFit, fit_dictionary
 from .losses import joint_loss, sae_loss
 from .runtime import generator, pick_device, setup
+from .data import SparseSuperposition, sparse_superposition
+from .sae import (AmortisationGap, SAETrainResult, VanillaSAE, amortisation_gap,
+                  train_sae)
 
 __version__ = "0.1.0"
 
@@ -31,4 +34,11 @@ __all__ = [
     "pick_device",
     "sae_loss",
     "setup",
+    "SparseSuperposition",
+    "sparse_superposition",
+    "AmortisationGap",
+    "SAETrainResult",
+    "VanillaSAE",
+    "amortisation_gap",
+    "train_sae",
 ]
