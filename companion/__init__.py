@@ -15,6 +15,8 @@ from .runtime import generator, pick_device, setup
 from .data import SparseSuperposition, sparse_superposition
 from .sae import (AmortisationGap, SAETrainResult, VanillaSAE, amortisation_gap,
                   train_sae)
+from .second_order import (AtomHessian, GroupCurvature, atom_hessian, group_curvature,
+                           new_atom_bound, rotate_atom, split_atom, split_rate)
 
 __version__ = "0.1.0"
 
@@ -41,4 +43,12 @@ __all__ = [
     "VanillaSAE",
     "amortisation_gap",
     "train_sae",
+    "AtomHessian",
+    "GroupCurvature",
+    "atom_hessian",
+    "group_curvature",
+    "new_atom_bound",
+    "rotate_atom",
+    "split_atom",
+    "split_rate",
 ]
