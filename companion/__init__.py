@@ -15,8 +15,13 @@ from .runtime import generator, pick_device, setup
 from .data import SparseSuperposition, sparse_superposition
 from .sae import (AmortisationGap, SAETrainResult, VanillaSAE, amortisation_gap,
                   train_sae)
+from .matching import AtomMatching, cosine_matrix, match_atoms
+from .absorption import AbsorptionReport, absorption
 from .second_order import (AtomHessian, GroupCurvature, atom_hessian, group_curvature,
                            new_atom_bound, rotate_atom, split_atom, split_rate)
+from .hierarchy import (ConceptTree, ParentChildData, PartialAbsorptionPrediction,
+                        SplittingPrediction, ansatz_child_cost, ansatz_codes, concept_tree,
+                        group_atom, parent_child, predict_partial_absorption, predict_splitting)
 
 __version__ = "0.1.0"
 
@@ -43,6 +48,22 @@ __all__ = [
     "VanillaSAE",
     "amortisation_gap",
     "train_sae",
+    "AtomMatching",
+    "cosine_matrix",
+    "match_atoms",
+    "AbsorptionReport",
+    "absorption",
+    "ConceptTree",
+    "ParentChildData",
+    "PartialAbsorptionPrediction",
+    "SplittingPrediction",
+    "ansatz_child_cost",
+    "ansatz_codes",
+    "concept_tree",
+    "group_atom",
+    "parent_child",
+    "predict_partial_absorption",
+    "predict_splitting",
     "AtomHessian",
     "GroupCurvature",
     "atom_hessian",
