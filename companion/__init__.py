@@ -22,6 +22,13 @@ from .second_order import (AtomHessian, GroupCurvature, atom_hessian, group_curv
 from .hierarchy import (ConceptTree, ParentChildData, PartialAbsorptionPrediction,
                         SplittingPrediction, ansatz_child_cost, ansatz_codes, concept_tree,
                         group_atom, parent_child, predict_partial_absorption, predict_splitting)
+from .residuals import (AmortisationSplit, AtomMeanResiduals, LinearPredictability,
+                        ResidualSplit, amortisation_split, atom_mean_residuals,
+                        linear_predictability, split_residuals)
+from .dense import DenseDirectionData, dense_direction_data
+from .antipodal import (Antipodality, DenseCosts, DensePair, DensePairReport, PairPrediction,
+                        antipodality, centroid_step, dense_direction_costs, find_dense_pairs,
+                        firing_rates, pair_centroid_prediction)
 
 __version__ = "0.1.0"
 
@@ -72,4 +79,25 @@ __all__ = [
     "rotate_atom",
     "split_atom",
     "split_rate",
+    "AmortisationSplit",
+    "AtomMeanResiduals",
+    "LinearPredictability",
+    "ResidualSplit",
+    "amortisation_split",
+    "atom_mean_residuals",
+    "linear_predictability",
+    "split_residuals",
+    "DenseDirectionData",
+    "dense_direction_data",
+    "Antipodality",
+    "DenseCosts",
+    "DensePair",
+    "DensePairReport",
+    "PairPrediction",
+    "antipodality",
+    "centroid_step",
+    "dense_direction_costs",
+    "find_dense_pairs",
+    "firing_rates",
+    "pair_centroid_prediction",
 ]
