@@ -15,6 +15,9 @@ from .runtime import generator, pick_device, setup
 from .data import SparseSuperposition, sparse_superposition
 from .sae import (AmortisationGap, SAETrainResult, VanillaSAE, amortisation_gap,
                   train_sae)
+from .digits import DigitsActivations, digits_activations
+from .interop import (Checkpoint, SAECertificate, certify_sae, checkpoint_lam, load_sae,
+                      save_sae)
 from .matching import AtomMatching, cosine_matrix, match_atoms
 from .absorption import AbsorptionReport, absorption
 from .second_order import (AtomHessian, GroupCurvature, atom_hessian, group_curvature,
@@ -55,6 +58,14 @@ __all__ = [
     "VanillaSAE",
     "amortisation_gap",
     "train_sae",
+    "DigitsActivations",
+    "digits_activations",
+    "Checkpoint",
+    "SAECertificate",
+    "certify_sae",
+    "checkpoint_lam",
+    "load_sae",
+    "save_sae",
     "AtomMatching",
     "cosine_matrix",
     "match_atoms",
