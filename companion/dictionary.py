@@ -79,18 +79,15 @@ class DictionaryFit:
     seconds: float = 0.0
 
 
-def _t2(A, B, D, lam):
-    """T2 violation from ``A = ZᵀX`` and ``B = ZᵀZ`` (``Σ_n z_kn r_n = A_k - B_k D``)."""
+def _t2(A, B, zsum, D, lam):
+    """T2 violation from ``A = ZᵀX``, ``B = ZᵀZ`` and ``zsum = Zᵀ1`` (``Σ_n z_kn r_n = A_k - B_k D``)."""
     V = A - B @ D
     proj = (V * D).sum(1)
     tang = (V - proj.unsqueeze(1) * D).norm(dim=1)
-    zsum_scale = B.diagonal() + lam * _ZSUM[0]
-    used = _ZSUM[0] > 0
+    zsum_scale = B.diagonal() + lam * zsum
+    used = zsum > 0
     t = torch.where(used, tang / zsum_scale.clamp(min=torch.finfo(D.dtype).tiny), torch.zeros_like(tang))
     return float(t.max()) if t.numel() else 0.0
-
-
-_ZSUM = [None]
 
 
 def _sweeps(A, B, D, n_sweeps):
@@ -246,15 +243,15 @@ def _fit_one(X, D, lam, tol, max_iter, n_sweeps, etol, chunk_size, resample_dead
     for it in bar:
         A = Z.T @ X
         B = Z.T @ Z
-        _ZSUM[0] = Z.sum(0)
-        t2 = _t2(A, B, D, lam)
+        zsum = Z.sum(0)
+        t2 = _t2(A, B, zsum, D, lam)
         t2h.append(t2)
         if callback is not None:
             callback(it, loss, t2)
         if progress:
             bar.set_postfix(loss=f"{loss:.6e}", t2=f"{t2:.1e}")
         if t2 <= tol:
-            dead = _ZSUM[0] <= 0
+            dead = zsum <= 0
             if not (resample_dead and bool(dead.any())):
                 converged = True
                 break
@@ -262,7 +259,7 @@ def _fit_one(X, D, lam, tol, max_iter, n_sweeps, etol, chunk_size, resample_dead
             break
         # dead atoms: replace one by the §3 new-atom direction when it helps
         if resample_dead:
-            dead = torch.nonzero(_ZSUM[0] <= 0).flatten()
+            dead = torch.nonzero(zsum <= 0).flatten()
             if dead.numel():
                 norms = R.norm(dim=1)
                 pool = R[norms > lam]
