@@ -29,6 +29,8 @@ from .residuals import (AmortisationSplit, AtomMeanResiduals, LinearPredictabili
                         ResidualSplit, amortisation_split, atom_mean_residuals,
                         linear_predictability, split_residuals)
 from .dense import DenseDirectionData, dense_direction_data
+from .convex import (ConvexFit, ConvexPath, combine_candidates, convex_path, mu_max,
+                     normalised_data, pairwise_sums, solve_convex)
 from .antipodal import (Antipodality, DenseCosts, DensePair, DensePairReport, PairPrediction,
                         antipodality, centroid_step, dense_direction_costs, find_dense_pairs,
                         firing_rates, pair_centroid_prediction)
@@ -111,4 +113,12 @@ __all__ = [
     "find_dense_pairs",
     "firing_rates",
     "pair_centroid_prediction",
+    "ConvexFit",
+    "ConvexPath",
+    "combine_candidates",
+    "convex_path",
+    "mu_max",
+    "normalised_data",
+    "pairwise_sums",
+    "solve_convex",
 ]
