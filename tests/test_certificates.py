@@ -13,12 +13,7 @@ from companion.coding import encode
 from test_coding import make_problem, objective  # noqa: F401  (shared generators)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_exact_codes_are_certified_and_loss_matches_joint_loss():

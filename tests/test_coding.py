@@ -11,13 +11,7 @@ from companion.coding import ConvergenceWarning, EncodeInfo, encode, nonneg_lass
 from companion.certificates import certify
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batched kernels: one thread avoids OpenMP spin-waits on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_problem(n, d, k, seed, s=3, noise=0.05, dtype=np.float64):

@@ -11,12 +11,7 @@ from companion.dictionary import DictionaryFit, fit_dictionary
 from test_coding import make_problem
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fit_reaches_certified_stationary_point():

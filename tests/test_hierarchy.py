@@ -15,12 +15,7 @@ from companion.coding import encode
 from companion.hierarchy import set_partitions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_parent_child_ground_truth():
