@@ -139,3 +139,18 @@ def check_columns(t: torch.Tensor, name: str, n: int, other: str) -> None:
         raise ValueError(
             f"{name} has {t.shape[1]} columns but {other} has {n}; both must count the same features"
         )
+
+
+def check_nonnegative_entries(t: torch.Tensor, name: str) -> None:
+    """Require every entry of ``t`` (e.g. a code matrix) to be ≥ 0."""
+    if bool((t < 0).any()):
+        raise ValueError(f"{name} must be nonnegative; its smallest entry is {float(t.min()):.3g}")
+
+
+def check_codes(Z: torch.Tensor, name: str, shape: tuple[int, int], columns: str = "n_atoms") -> None:
+    """Require a code matrix of shape ``(n_samples, columns) = shape`` with no negative entry."""
+    if tuple(Z.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} must have shape (n_samples, {columns}) = {tuple(shape)}, got {tuple(Z.shape)}"
+        )
+    check_nonnegative_entries(Z, name)

@@ -42,7 +42,8 @@ import torch
 
 import numpy as np
 
-from ._validation import as_tensor, check_columns, check_nonnegative, check_positive_int
+from ._validation import (as_tensor, check_codes, check_columns, check_nonnegative,
+                          check_positive_int)
 
 __all__ = ["AbsorptionReport", "absorption"]
 
@@ -161,10 +162,7 @@ def absorption(
     v, _ = as_tensor(concept, "concept", ndim=1, like=X)
     check_columns(D, "D", X.shape[1], "X")
     n, k = X.shape[0], D.shape[0]
-    if Z.shape != (n, k):
-        raise ValueError(f"Z must have shape (n_samples, n_atoms) = {(n, k)}, got {tuple(Z.shape)}")
-    if bool((Z < 0).any()):
-        raise ValueError(f"Z must be nonnegative; its smallest entry is {float(Z.min()):.3g}")
+    check_codes(Z, "Z", (n, k))
     if v.shape[0] != X.shape[1]:
         raise ValueError(f"concept must have {X.shape[1]} entries (the features of X), got {v.shape[0]}")
     if float(v.norm()) == 0:

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ._validation import as_tensor, check_columns, check_dictionary, check_positive, check_positive_int
+from ._validation import (as_tensor, check_codes, check_columns, check_dictionary, check_positive,
+                          check_positive_int)
 
 __all__ = [
     "ConvergenceWarning",
@@ -438,10 +439,7 @@ def encode(
     Z0t = None
     if Z0 is not None:
         Z0t, _ = as_tensor(Z0, "Z0", ndim=2, like=Xt)
-        if tuple(Z0t.shape) != (n, k):
-            raise ValueError(f"Z0 must have shape (n_samples, n_atoms) = {(n, k)}, got {tuple(Z0t.shape)}")
-        if bool((Z0t < 0).any()):
-            raise ValueError(f"Z0 must be nonnegative; its smallest entry is {float(Z0t.min()):.3g}")
+        check_codes(Z0t, "Z0", (n, k))
 
     with torch.no_grad():
         Z, info = _encode_tensor(Xt, Dt, lam, tol, max_iter, chunk_size, Z0t, progress,

@@ -51,8 +51,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ._validation import (as_tensor, check_columns, check_dictionary, check_nonnegative,
-                          check_positive, check_positive_int)
+from ._validation import (as_tensor, check_codes, check_columns, check_dictionary,
+                          check_nonnegative, check_positive, check_positive_int)
 from .runtime import generator
 
 __all__ = [
@@ -561,11 +561,7 @@ def solve_convex(
     Z0t = None
     if Z0 is not None:
         Z0t, _ = as_tensor(Z0, "Z0", ndim=2, like=Xt)
-        want = (Xt.shape[0], Ct.shape[0])
-        if tuple(Z0t.shape) != want:
-            raise ValueError(f"Z0 must have shape (n_samples, n_candidates) = {want}, got {tuple(Z0t.shape)}")
-        if bool((Z0t < 0).any()):
-            raise ValueError(f"Z0 must be nonnegative; its smallest entry is {float(Z0t.min()):.3g}")
+        check_codes(Z0t, "Z0", (Xt.shape[0], Ct.shape[0]), columns="n_candidates")
     with torch.no_grad():
         solver = {"fista": _solve, "bcd": _bcd}[method]
         Z, R, U, p, d, gap, rel, it, n_scr = solver(Xt, Ct, lam, mu, tol, max_iter, check_every,
@@ -586,11 +582,7 @@ def convex_objective(X: Any, C: Any, Z: Any, lam: float, mu: float) -> float:
     r"""The primal objective :math:`P(Z)` of :func:`solve_convex` (Chapter 6, eq. ``eq-ch6-convex-primal``)."""
     Xt, Ct, _, lam, mu = _check_problem(X, C, lam, mu)
     Zt, _ = as_tensor(Z, "Z", ndim=2, like=Xt)
-    if tuple(Zt.shape) != (Xt.shape[0], Ct.shape[0]):
-        raise ValueError(f"Z must have shape (n_samples, n_candidates) = {(Xt.shape[0], Ct.shape[0])}, "
-                         f"got {tuple(Zt.shape)}")
-    if bool((Zt < 0).any()):
-        raise ValueError(f"Z must be nonnegative; its smallest entry is {float(Zt.min()):.3g}")
+    check_codes(Zt, "Z", (Xt.shape[0], Ct.shape[0]), columns="n_candidates")
     return _primal_scaled(Xt - Zt @ Ct, Zt, lam, Xt.shape[0] * mu) / Xt.shape[0]
 
 

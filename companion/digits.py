@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._validation import as_tensor, check_positive, check_positive_int
+from ._validation import as_tensor, check_nonnegative_entries, check_positive, check_positive_int
 from .bounds import huber_bound
 from .coding import encode
 from .dictionary import DictionaryFit, fit_dictionary
@@ -213,8 +213,7 @@ def label_purity(Z: Any, labels: Any, n_classes: int | None = None) -> float:
     y = y.to(Zt.device).long()
     if y.shape != (Zt.shape[0],):
         raise ValueError(f"labels must have shape (n_samples,) = {(Zt.shape[0],)}, got {tuple(y.shape)}")
-    if bool((Zt < 0).any()):
-        raise ValueError(f"Z must be nonnegative; its smallest entry is {float(Zt.min()):.3g}")
+    check_nonnegative_entries(Zt, "Z")
     c = int(y.max()) + 1 if n_classes is None else check_positive_int(n_classes, "n_classes")
     M = Zt.new_zeros(c, Zt.shape[1]).index_add_(0, y, Zt)   # (class, atom) activation mass
     total = float(M.sum())

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._validation import as_tensor, check_columns, check_positive
+from ._validation import as_tensor, check_codes, check_columns, check_positive
 
 
 def joint_loss(X: Any, D: Any, Z: Any, lam: float) -> float:
@@ -32,12 +32,7 @@ def joint_loss(X: Any, D: Any, Z: Any, lam: float) -> float:
     D, _ = as_tensor(D, "D", ndim=2, like=X)
     Z, _ = as_tensor(Z, "Z", ndim=2, like=X)
     check_columns(D, "D", X.shape[1], "X")
-    if Z.shape != (X.shape[0], D.shape[0]):
-        raise ValueError(
-            f"Z must have shape (n_samples, n_atoms) = {(X.shape[0], D.shape[0])}, got {tuple(Z.shape)}"
-        )
-    if bool((Z < 0).any()):
-        raise ValueError(f"Z must be nonnegative; its smallest entry is {float(Z.min()):.3g}")
+    check_codes(Z, "Z", (X.shape[0], D.shape[0]))
     R = X - Z @ D
     return float((0.5 * (R * R).sum(1) + lam * Z.sum(1)).mean())
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from ._validation import as_tensor, check_columns, check_nonnegative, check_positive, check_positive_int
+from ._validation import (as_tensor, check_codes, check_columns, check_nonnegative,
+                          check_nonnegative_entries, check_positive, check_positive_int)
 from .runtime import generator
 
 __all__ = [
@@ -48,12 +49,7 @@ def _check_triple(X: Any, D: Any, Z: Any) -> tuple[torch.Tensor, torch.Tensor, t
     Dt, _ = as_tensor(D, "D", ndim=2, like=Xt)
     Zt, _ = as_tensor(Z, "Z", ndim=2, like=Xt)
     check_columns(Dt, "D", Xt.shape[1], "X")
-    if tuple(Zt.shape) != (Xt.shape[0], Dt.shape[0]):
-        raise ValueError(
-            f"Z must have shape (n_samples, n_atoms) = {(Xt.shape[0], Dt.shape[0])}, got {tuple(Zt.shape)}"
-        )
-    if bool((Zt < 0).any()):
-        raise ValueError(f"Z must be nonnegative; its smallest entry is {float(Zt.min()):.3g}")
+    check_codes(Zt, "Z", (Xt.shape[0], Dt.shape[0]))
     return Xt, Dt, Zt, kind
 
 
@@ -298,8 +294,7 @@ def amortisation_split(X: Any, D: Any, Z: Any, Z_exact: Any) -> AmortisationSpli
     Ze, _ = as_tensor(Z_exact, "Z_exact", ndim=2, like=Xt)
     if Ze.shape != Zt.shape:
         raise ValueError(f"Z_exact must have the shape of Z, {tuple(Zt.shape)}; got {tuple(Ze.shape)}")
-    if bool((Ze < 0).any()):
-        raise ValueError(f"Z_exact must be nonnegative; its smallest entry is {float(Ze.min()):.3g}")
+    check_nonnegative_entries(Ze, "Z_exact")
     with torch.no_grad():
         R = Xt - Zt @ Dt
         Rs = Xt - Ze @ Dt

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._validation import (ArrayKind, as_tensor, check_columns, check_dictionary,
+from ._validation import (ArrayKind, as_tensor, check_codes, check_columns, check_dictionary,
                           check_nonnegative, check_positive)
 from .coding import encode
 
@@ -65,11 +65,7 @@ def _problem(X: Any, D: Any, lam: float, Z: Any) -> tuple[torch.Tensor, torch.Te
         Zt = encode(Xt, Dt, lam)
     else:
         Zt, _ = as_tensor(Z, "Z", ndim=2, like=Xt)
-        if tuple(Zt.shape) != (Xt.shape[0], Dt.shape[0]):
-            raise ValueError(f"Z must have shape (n_samples, n_atoms) = {(Xt.shape[0], Dt.shape[0])}, "
-                             f"got {tuple(Zt.shape)}")
-        if bool((Zt < 0).any()):
-            raise ValueError(f"Z must be nonnegative; its smallest entry is {float(Zt.min()):.3g}")
+        check_codes(Zt, "Z", (Xt.shape[0], Dt.shape[0]))
     return Xt, Dt, lam, Zt, kind
 
 
