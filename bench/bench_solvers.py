@@ -15,7 +15,6 @@ Run:  PYTHONPATH=. python bench/bench_solvers.py
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import time

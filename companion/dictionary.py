@@ -22,7 +22,6 @@ Dead atoms are replaced by the new-atom direction of §3 when that lowers the lo
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,7 +91,6 @@ def _t2(A, B, zsum, D, lam):
 
 def _sweeps(A, B, D, n_sweeps):
     """Block-coordinate sweeps ``d_k ← normalise(A_k - Σ_{j≠k} B_kj d_j)`` (in place)."""
-    k = D.shape[0]
     diag = B.diagonal()
     active = torch.nonzero(diag > 0).flatten().tolist()
     for _ in range(n_sweeps):

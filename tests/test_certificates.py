@@ -10,7 +10,7 @@ from companion import huber_bound, joint_loss
 from companion.certificates import CertificateReport, certify
 from companion.coding import encode
 
-from test_coding import make_problem, objective  # noqa: F401  (shared generators)
+from test_coding import make_problem  # shared problem generator
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
