@@ -95,112 +95,188 @@ def default_chunk_size(n_atoms: int) -> int:
 # batched active-set kernel (no input checks)
 # ----------------------------------------------------------------------------------------
 
+#: Largest dictionary (in Gram entries) whose Gram matrix ``D Dᵀ`` is formed once per call;
+#: its support sub-blocks are then gathered instead of recomputed from the atoms.
+_GRAM_ENTRIES = 1 << 24
+
+
+class _Dict:
+    """What the kernel needs of a dictionary: the atoms with one zero padding atom (index
+    ``k``) appended and, for dictionaries that are not too large, the flat Gram matrix
+    ``Ge = De Deᵀ`` (whose padding row and column are zero)."""
+
+    def __init__(self, D: torch.Tensor):
+        self.k, self.d = D.shape
+        self.pad = self.k
+        self.k1 = self.k + 1
+        self.De = torch.cat([D, D.new_zeros(1, self.d)], 0)
+        if self.k1 * self.k1 <= _GRAM_ENTRIES:
+            self.Gf = (self.De @ self.De.T).reshape(-1)
+        else:
+            self.Gf = None
+
+    def gram(self, idx: torch.Tensor) -> torch.Tensor:
+        """Support Gram blocks ``D_S D_Sᵀ`` (m, w, w), identity on padding entries."""
+        m, w = idx.shape
+        if self.Gf is not None:
+            flat = (idx * self.k1).unsqueeze(2) + idx.unsqueeze(1)
+            A = self.Gf.index_select(0, flat.reshape(-1)).view(m, w, w)
+        else:
+            DS = self.atoms(idx)
+            A = torch.bmm(DS, DS.transpose(1, 2))
+        A.diagonal(dim1=1, dim2=2).add_((idx == self.pad).to(A.dtype))
+        return A
+
+    def atoms(self, idx: torch.Tensor) -> torch.Tensor:
+        """``De[idx]`` as (m, w, d) (padding → the zero atom)."""
+        return self.De.index_select(0, idx.reshape(-1)).view(idx.shape[0], idx.shape[1], self.d)
+
+    def residual(self, X: torch.Tensor, idx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``X - Σ_j z_j d_{idx_j}`` for padded supports."""
+        R = X.clone()
+        for j in range(idx.shape[1]):      # one gathered atom per support slot
+            R.addcmul_(self.De.index_select(0, idx[:, j]), z[:, j:j + 1], value=-1)
+        return R
+
+
 def _sort_support(idx: torch.Tensor, z: torch.Tensor, pad: int, *extra: torch.Tensor):
     """Sort each row's support (padding ``pad`` last) and trim the common width."""
+    if idx.shape[1] == 0:
+        return (idx, z, *extra)
     idx, order = idx.sort(dim=1)
     z = z.gather(1, order)
     extra = tuple(e.gather(1, order) for e in extra)
     width = int((idx < pad).sum(1).max()) if idx.numel() else 0
-    width = max(width, 1)
     return (idx[:, :width].contiguous(), z[:, :width].contiguous(),
             *[e[:, :width].contiguous() for e in extra])
 
 
-def _gather_atoms(De: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``De[idx]`` as (m, w, d) (padding index → the zero atom)."""
-    return De.index_select(0, idx.reshape(-1)).view(idx.shape[0], idx.shape[1], De.shape[1])
+def _spd_solve(A: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Solve the batched SPD systems ``A s = b`` by Cholesky; singular blocks get a ridge."""
+    L, info = torch.linalg.cholesky_ex(A)
+    bad = info != 0
+    if bool(bad.any()):                   # rank-deficient support: small ridge
+        eye = torch.eye(A.shape[1], dtype=A.dtype, device=A.device)
+        Ab = A[bad] + ridge * eye
+        Lb, infob = torch.linalg.cholesky_ex(Ab)
+        still = infob != 0
+        if bool(still.any()):
+            Lb[still] = torch.linalg.cholesky(Ab[still] + (1e4 * ridge + 1e-6) * eye)
+        L = L.clone()
+        L[bad] = Lb
+    return torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)
 
 
-def _lawson_hanson_inner(De, Ce, rowmap, idx, z, lam, pad, ridge, new=None):
+def _lawson_hanson_inner(Dc, Cf, rowmap, idx, z, lam, ridge, new=None):
     """Lawson–Hanson inner loop on every row at once.
 
-    From a feasible ``z ≥ 0`` on the padded support ``idx`` (padding index ``pad``), reach
-    the nonnegative minimiser of each row's support problem
+    From a feasible ``z ≥ 0`` on the padded support ``idx`` (padding index ``Dc.pad``),
+    reach the nonnegative minimiser of each row's support problem
     ``min_{z_S ≥ 0} ½ z_Sᵀ G_SS z_S - (c_S - λ)ᵀ z_S``: solve the unconstrained system; if
     some entries are not positive, step from ``z`` towards the solution as far as
     feasibility allows and drop the entries that reach zero; repeat. The objective never
-    increases. ``rowmap`` maps local rows to rows of ``Ce`` (the chunk's ``[X Dᵀ, λ]``).
-
-    Returns ``(idx, z, new, DS)`` where dropped entries are set to padding and ``DS`` is
-    the gathered atoms of the *input* support (dropped entries have ``z = 0``, so
-    ``z @ DS`` is still the reconstruction).
+    increases. ``Cf`` is the flattened ``[X Dᵀ, λ]`` of the chunk (row stride ``k + 1``)
+    and ``rowmap`` maps local rows to its rows. ``idx``, ``z`` and ``new`` are updated in
+    place (dropped entries become padding with ``z = 0``) and returned.
     """
     m, w = idx.shape
-    dev = idx.device
-    DS = _gather_atoms(De, idx)                         # (m, w, d)
-    Afull = torch.bmm(DS, DS.transpose(1, 2))            # (m, w, w) Gram sub-blocks
-    cfull = Ce[rowmap.unsqueeze(1), idx] - lam           # (m, w), padding gives 0
-    eye = torch.eye(w, dtype=z.dtype, device=dev)
+    pad = Dc.pad
     if new is None:
         new = torch.zeros_like(idx, dtype=torch.bool)
-    zero = torch.zeros((), dtype=z.dtype, device=dev)
-    todo = torch.arange(m, device=dev)
+    if w == 0 or m == 0:
+        return idx, z, new
+    A0 = Dc.gram(idx)                                           # (m, w, w)
+    flat = (rowmap * Dc.k1).unsqueeze(1) + idx
+    b0 = Cf.index_select(0, flat.reshape(-1)).view(m, w) - lam  # c_S - λ; 0 on padding
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    todo = None                                                 # None: every row
     for _ in range(w + 2):
-        if todo.numel() == 0:
-            break
-        it, zt = idx[todo], z[todo]
+        if todo is None:
+            it, zt, A, b = idx, z, A0, b0
+        else:
+            it, zt = idx[todo], z[todo]
+            vf = (it < pad).to(z.dtype)
+            A = A0[todo] * vf.unsqueeze(2) * vf.unsqueeze(1)
+            A.diagonal(dim1=1, dim2=2).add_(1 - vf)
+            b = b0[todo] * vf
         valid = it < pad
-        A = torch.where(valid.unsqueeze(2) & valid.unsqueeze(1), Afull[todo], eye)
-        b = torch.where(valid, cfull[todo], zero).unsqueeze(2)
-        L, info = torch.linalg.cholesky_ex(A)
-        bad = info != 0
-        if bool(bad.any()):               # rank-deficient support: small ridge
-            L = L.clone()
-            Ab = A[bad] + ridge * eye
-            Lb, infob = torch.linalg.cholesky_ex(Ab)
-            still = infob != 0
-            if bool(still.any()):
-                Lb[still] = torch.linalg.cholesky(Ab[still] + (1e4 * ridge + 1e-6) * eye)
-            L[bad] = Lb
-        s = torch.cholesky_solve(b, L).squeeze(2)
+        s = _spd_solve(A, b, ridge)
         neg = (s <= 0) & valid
         anyneg = neg.any(1)
+        if todo is None:
+            rows_all = torch.arange(m, device=idx.device)
+        else:
+            rows_all = todo
+        if not bool(anyneg.any()):
+            z[rows_all] = torch.where(valid, s, zero)
+            break
         done = ~anyneg
         if bool(done.any()):
-            rows = todo[done]
-            z[rows] = torch.where(valid[done], s[done], zero)
-        if not bool(anyneg.any()):
-            break
-        rows = todo[anyneg]
-        zt, st, nt, vt = zt[anyneg], s[anyneg], neg[anyneg], valid[anyneg]
+            z[rows_all[done]] = torch.where(valid[done], s[done], zero)
+        sel = torch.nonzero(anyneg).squeeze(1)
+        rows = rows_all.index_select(0, sel)
+        zt, st, nt, vt, itn = (t.index_select(0, sel) for t in (zt, s, neg, valid, it))
+        At, bt = A.index_select(0, sel), b.index_select(0, sel)
         denom = zt - st
         ratio = torch.where(nt, zt / torch.where(denom > 0, denom, torch.ones_like(denom)),
                             torch.full_like(zt, math.inf))
         alpha, amin = ratio.min(1)
         alpha = alpha.clamp(0, 1).unsqueeze(1)
         znew = zt + alpha * (st - zt)
-        # drop the entries the step drove to zero (not the fresh atoms that merely start
-        # at zero with a positive direction: they stay and grow in the next solve)
+        # Lawson–Hanson: drop the entries the step drove to zero (not the fresh atoms that
+        # merely start at zero with a positive direction: they grow in the next solve)
         drop = (znew <= 0) & vt & (nt | (zt > 0))
         drop.scatter_(1, amin.unsqueeze(1), True)
-        idx[rows] = torch.where(drop, torch.full_like(idx[rows], pad), idx[rows])
-        z[rows] = torch.where(drop | ~vt, zero, znew)
+        znew = torch.where(drop | ~vt, zero, znew)
+        # a bolder candidate: drop every entry the solve made nonpositive and solve again;
+        # taken only where it is feasible and no worse than the Lawson–Hanson step, so the
+        # objective still never increases (and the row is finished: it is the minimiser
+        # on its support)
+        keep = vt & ~nt
+        kf = keep.to(z.dtype)
+        A2 = At * kf.unsqueeze(2) * kf.unsqueeze(1)
+        A2.diagonal(dim1=1, dim2=2).add_(1 - kf)
+        s2 = torch.where(keep, _spd_solve(A2, bt * kf, ridge), zero)
+        q = lambda u: 0.5 * (u * torch.bmm(At, u.unsqueeze(2)).squeeze(2)).sum(1) - (bt * u).sum(1)
+        bold = ((s2 > 0) | ~keep).all(1) & (q(s2) <= q(znew))
+        drop = torch.where(bold.unsqueeze(1), vt & ~keep, drop)
+        znew = torch.where(bold.unsqueeze(1), s2, znew)
+        idx[rows] = torch.where(drop, torch.full_like(itn, pad), itn)
+        z[rows] = znew
         new[rows] = new[rows] & ~drop
-        todo = rows
-    return idx, z, new, DS
+        todo = rows[~bold]
+        if todo.numel() == 0:
+            break
+    return idx, z, new
 
 
-def _dense(idx: torch.Tensor, z: torch.Tensor, k: int) -> torch.Tensor:
-    """Dense (m, k) codes from padded supports (padding index ``k``)."""
-    out = z.new_zeros(idx.shape[0], k + 1)
-    out.scatter_(1, idx, torch.where(idx < k, z, torch.zeros_like(z)))
-    return out[:, :k]
+def _supports_of(Z0: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded supports ``(idx, z)`` of the positive entries of each row of ``Z0``."""
+    m = Z0.shape[0]
+    r, c = torch.nonzero(Z0 > 0, as_tuple=True)
+    counts = torch.bincount(r, minlength=m)
+    w = int(counts.max()) if r.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(r.numel(), device=Z0.device) - starts[r]
+    idx = torch.full((m, w), pad, dtype=torch.long, device=Z0.device)
+    z = Z0.new_zeros(m, w)
+    idx[r, pos] = c
+    z[r, pos] = Z0[r, c]
+    return idx, z
 
 
-def _fista_rows(X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, lam: float,
+def _fista_rows(X: torch.Tensor, D: torch.Tensor, Z: torch.Tensor, lam: float,
                 tol: float, max_iter: int, Lip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected-gradient (FISTA with restart) on the full dictionary for a few rows.
 
     Returns codes and each row's KKT violation.
     """
-    C = X @ D.T
     step = 1.0 / Lip
     Y = Z.clone()
     t = 1.0
     Zold = Z.clone()
-    viol = _kkt_violation_dense(C, G, Z, lam)
     for it in range(max_iter):
-        grad = Y @ G - C + lam
+        grad = lam - (X - Y @ D) @ D.T
         Znew = torch.clamp(Y - step * grad, min=0)
         tn = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
         # gradient-based restart
@@ -211,111 +287,88 @@ def _fista_rows(X: torch.Tensor, D: torch.Tensor, G: torch.Tensor, Z: torch.Tens
         if bool(restart.any()):
             tn = 1.0 if bool(restart.all()) else tn
         Zold, t = Znew, tn
-        if it % 20 == 19 or it == max_iter - 1:
-            viol = _kkt_violation_dense(C, G, Znew, lam)
-            if float(viol.max()) <= tol:
-                break
-    Z = Zold
-    return Z, _kkt_violation_dense(C, G, Z, lam)
+        if (it % 20 == 19 or it == max_iter - 1) and \
+                float(_kkt_violation_dense(X, D, Znew, lam).max()) <= tol:
+            break
+    return Zold, _kkt_violation_dense(X, D, Zold, lam)
 
 
-def _kkt_violation_dense(C, G, Z, lam):
-    g = lam - C + Z @ G     # = λ - d_kᵀ r
-    on = Z > 0
-    v = torch.where(on, g.abs(), (-g).clamp(min=0))
+def _kkt_violation_dense(X, D, Z, lam):
+    g = lam - (X - Z @ D) @ D.T     # = λ - d_kᵀ r
+    v = torch.where(Z > 0, g.abs(), (-g).clamp(min=0))
     return v.max(1).values
 
 
-def _encode_chunk(X, D, De, G, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback_iter):
-    """Encode one chunk of rows; returns ``(Z, n_iter, viol, n_fallback)``.
-
-    ``De``: the dictionary with one extra zero (padding) atom, index ``k``.
-    """
-    m, d = X.shape
-    k = D.shape[0]
-    pad = k
+def _encode_chunk(X, Dc, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback_iter, Zout):
+    """Encode one chunk of rows into ``Zout`` (zeros, (m, k)); returns
+    ``(n_iter, viol, n_fallback)``."""
+    m = X.shape[0]
+    k, pad = Dc.k, Dc.pad
     dev, dt = X.device, X.dtype
-    Ce = X @ De.T                      # (m, k+1): d_kᵀ x, padding column set to λ
+    Ce = X @ Dc.De.T                   # (m, k+1): d_kᵀ x, padding column set to λ
     Ce[:, k] = lam
-    Zout = torch.zeros(m, k + 1, dtype=dt, device=dev)    # column k collects padding
+    Cf = Ce.view(-1)
+    done_rows, done_idx, done_z = [], [], []               # finished rows, scattered at the end
     viol_out = torch.zeros(m, dtype=dt, device=dev)
     allrows = torch.arange(m, device=dev)
 
-    # initial supports
+    # initial supports and the correlations d_kᵀ r of their codes
+    first = p_first
     if Z0 is not None and bool((Z0 > 0).any()):
-        pos = Z0 > 0
-        w = max(1, int(pos.sum(1).max()))
-        ar = torch.arange(k, device=dev).expand(m, k)
-        key = torch.where(pos, ar, torch.full_like(ar, pad))
-        idx = key.sort(1).values[:, :w].contiguous()
-        valid = idx < pad
-        z = torch.where(valid, Z0.gather(1, idx.clamp(max=k - 1)), Ce.new_zeros(m, w))
-        idx, z, _, DS = _lawson_hanson_inner(De, Ce, allrows, idx, z, lam, pad, ridge)
-        R = X - torch.bmm(z.unsqueeze(1), DS).squeeze(1)
+        idx, z = _supports_of(Z0, pad)
+        idx, z, _ = _lawson_hanson_inner(Dc, Cf, allrows, idx, z, lam, ridge)
         idx, z = _sort_support(idx, z, pad)
-        from_zero = False
+        corr = Dc.residual(X, idx, z) @ Dc.De.T
+        first = p_add
     else:
-        idx = torch.full((m, 1), pad, dtype=torch.long, device=dev)
-        z = Ce.new_zeros(m, 1)
-        R = None
-        from_zero = True
+        idx = torch.full((m, 0), pad, dtype=torch.long, device=dev)
+        z = Ce.new_zeros(m, 0)
+        corr = Ce                      # not written to while supports are empty
 
-    act = allrows                      # rows still iterating
+    act = allrows                      # rows still iterating; idx, z, corr follow them
     padd = torch.full((m,), p_add, dtype=torch.long, device=dev)
     stalls = torch.zeros(m, dtype=torch.long, device=dev)
     fallback = torch.zeros(m, dtype=torch.bool, device=dev)
     n_iter = 0
     while act.numel() and n_iter < max_iter:
         n_iter += 1
-        ia, za = idx, z                # already restricted to act
-        # correlations d_kᵀ r for the active rows (padding column ≤ λ: never added)
-        if from_zero:                  # empty supports: r = x
-            corr = Ce
-            v_on = torch.zeros(m, dtype=dt, device=dev)
-            p_now = p_first
-        else:
-            corr = R @ De.T
-            valid = ia < pad
-            on_corr = corr.gather(1, ia)
+        if idx.shape[1]:
+            valid = idx < pad
+            on_corr = corr.gather(1, idx)
             v_on = torch.where(valid, (on_corr - lam).abs(), torch.zeros_like(on_corr)).max(1).values
-            corr.scatter_(1, ia, -math.inf)          # hide the support (and padding)
-            p_now = int(padd[act].max())
+            corr.scatter_(1, idx, -math.inf)          # hide the support (and padding)
+        else:
+            v_on = torch.zeros(act.numel(), dtype=dt, device=dev)
+        nadd = torch.full_like(act, first) if n_iter == 1 else padd[act]
+        p_now = int(nadd.max())
         if p_now == 1:
             top_val, top_idx = corr.max(1, keepdim=True)
         else:
             top_val, top_idx = corr.topk(min(p_now, k), dim=1)
-        v_off = (top_val[:, 0] - lam).clamp(min=0)
-        v = torch.maximum(v_on, v_off)
+        v = torch.maximum(v_on, (top_val[:, 0] - lam).clamp(min=0))
         conv = v <= tol
         if bool(conv.any()):
             rows = act[conv]
-            Zout[rows.unsqueeze(1), ia[conv]] = za[conv]
+            if idx.shape[1]:
+                done_rows.append(rows); done_idx.append(idx[conv]); done_z.append(z[conv])
             viol_out[rows] = v[conv]
             keep = ~conv
             if not bool(keep.any()):
                 act = act[:0]
                 break
-            act, ia, za, top_val, top_idx = act[keep], ia[keep], za[keep], top_val[keep], top_idx[keep]
-        # add the top violators: p_first in the first round, then at most padd per row
+            act, idx, z, top_val, top_idx, nadd = (act[keep], idx[keep], z[keep], top_val[keep],
+                                                   top_idx[keep], nadd[keep])
+        # add the top violators: ``first`` in the first round, then at most padd per row
         rank = torch.arange(top_idx.shape[1], device=dev).unsqueeze(0)
-        if from_zero:
-            nadd = torch.full((act.numel(),), p_first, dtype=torch.long, device=dev)
-            from_zero = False
-        else:
-            nadd = padd[act]
         add = (top_val - lam > tol) & (rank < nadd.unsqueeze(1))
-        add_idx = torch.where(add, top_idx, torch.full_like(top_idx, pad))
-        idx_new = torch.cat([ia, add_idx], 1)
-        z_new = torch.cat([za, torch.zeros_like(add_idx, dtype=dt)], 1)
-        new_flag = torch.cat([torch.zeros_like(ia, dtype=torch.bool), add], 1)
-        idx_new, z_new, new_flag, DS = _lawson_hanson_inner(De, Ce, act, idx_new, z_new, lam,
-                                                            pad, ridge, new_flag)
-        R = X[act] - torch.bmm(z_new.unsqueeze(1), DS).squeeze(1)
-        survived = new_flag.any(1)
-        added_any = add.any(1)
+        idx_new = torch.cat([idx, torch.where(add, top_idx, torch.full_like(top_idx, pad))], 1)
+        z_new = torch.cat([z, torch.zeros_like(top_val)], 1)
+        new_flag = torch.cat([torch.zeros_like(idx, dtype=torch.bool), add], 1)
+        idx_new, z_new, new_flag = _lawson_hanson_inner(Dc, Cf, act, idx_new, z_new, lam, ridge,
+                                                        new_flag)
         # a stall: the atoms added all dropped out again, or only an on-support refinement
         # was possible; after a stall add one atom at a time (the Lawson–Hanson guarantee)
-        stalled = ~(added_any & survived)
+        stalled = ~(add.any(1) & new_flag.any(1))
         st = torch.where(stalled, stalls[act] + 1, torch.zeros_like(stalls[act]))
         stalls[act] = st
         padd[act] = torch.where(stalled, torch.ones_like(nadd), torch.minimum(nadd, padd[act]))
@@ -323,23 +376,32 @@ def _encode_chunk(X, D, De, G, lam, tol, max_iter, Z0, p_first, p_add, ridge, fa
         if bool(give_up.any()):
             rows = act[give_up]
             fallback[rows] = True
-            Zout[rows.unsqueeze(1), idx_new[give_up]] = z_new[give_up]
+            done_rows.append(rows); done_idx.append(idx_new[give_up])
+            done_z.append(z_new[give_up])
             ok = ~give_up
-            act, idx_new, z_new, R = act[ok], idx_new[ok], z_new[ok], R[ok]
+            act, idx_new, z_new = act[ok], idx_new[ok], z_new[ok]
         idx, z = _sort_support(idx_new, z_new, pad)
+        if act.numel():
+            corr = Dc.residual(X[act], idx, z) @ Dc.De.T
     # rows that ran out of iterations also go to the fallback
     if act.numel():
         fallback[act] = True
-        Zout[act.unsqueeze(1), idx] = z
-    Zout = Zout[:, :k]
+        if idx.shape[1]:
+            done_rows.append(act); done_idx.append(idx); done_z.append(z)
+    for rows, i, v in zip(done_rows, done_idx, done_z):
+        if i.shape[1]:
+            r = rows.unsqueeze(1).expand_as(i)
+            ok = i < pad
+            Zout[r[ok], i[ok]] = v[ok]
     n_fb = int(fallback.sum())
-    if n_fb:
+    if n_fb and fallback_iter > 0:       # fallback_iter = 0 (internal): keep the feasible iterate
         rows = torch.nonzero(fallback).flatten()
-        Lip = float(torch.linalg.eigvalsh(G).max())
-        Zf, vf = _fista_rows(X[rows], D, G, Zout[rows], lam, tol, fallback_iter, Lip)
+        D = Dc.De[:k]
+        Lip = float(torch.linalg.matrix_norm(D, ord=2)) ** 2
+        Zf, vf = _fista_rows(X[rows], D, Zout[rows], lam, tol, fallback_iter, Lip)
         Zout[rows] = Zf
         viol_out[rows] = vf
-    return Zout, n_iter, viol_out, n_fb
+    return n_iter, viol_out, n_fb
 
 
 def encode(
@@ -461,18 +523,17 @@ def _encode_tensor(X, D, lam, tol, max_iter, chunk_size, Z0, progress, add_per_i
     dev, dt = X.device, X.dtype
     if first_add is None:
         first_add = max(add_per_iter, min(8, D.shape[1]))
-    G = D @ D.T
-    De = torch.cat([D, D.new_zeros(1, D.shape[1])], 0)
+    Dc = _Dict(D)
     ridge = (1e-12 if dt == torch.float64 else 1e-6)
     Z = torch.zeros(n, k, dtype=dt, device=dev)
     n_iter, vmax, n_fb, smax = 0, 0.0, 0, 0
     starts = range(0, n, chunk_size)
     for s in tqdm(starts, disable=not progress, desc="encode", unit="chunk", leave=False):
         e = min(n, s + chunk_size)
-        Zc, it, v, fb = _encode_chunk(X[s:e], D, De, G, lam, tol, max_iter,
-                                      None if Z0 is None else Z0[s:e], first_add, add_per_iter,
-                                      ridge, fallback_iter)
-        Z[s:e] = Zc
+        Zc = Z[s:e]
+        it, v, fb = _encode_chunk(X[s:e], Dc, lam, tol, max_iter,
+                                  None if Z0 is None else Z0[s:e], first_add, add_per_iter,
+                                  ridge, fallback_iter, Zc)
         n_iter = max(n_iter, it)
         if v.numel():
             vmax = max(vmax, float(v.max()))

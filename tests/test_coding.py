@@ -205,3 +205,67 @@ def test_input_errors():
         encode(X, D, 0.1, Z0=-np.ones((10, 7)))
     with pytest.raises(ValueError, match="chunk_size"):
         encode(X, D, 0.1, chunk_size=0)
+
+
+def test_gram_free_path_agrees(monkeypatch):
+    """Large dictionaries skip the Gram matrix and gather atoms instead: same codes."""
+    import companion.coding as coding
+    X, D = make_problem(120, 12, 50, 13, s=4)
+    Z = encode(X, D, 0.1)
+    monkeypatch.setattr(coding, "_GRAM_ENTRIES", 0)
+    Zg = encode(X, D, 0.1)
+    np.testing.assert_allclose(Z, Zg, atol=1e-10)
+    assert certify(X, D, 0.1, Zg).t1_violation <= 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lawson_hanson_step_descends_to_support_minimiser(seed):
+    """The inner loop (with its bold drop-all candidate) never raises a row's objective and
+    ends at a nonnegative point that solves the system on the support it keeps."""
+    from companion.coding import _Dict, _lawson_hanson_inner
+    X, D = make_problem(60, 8, 24, 20 + seed, s=5)
+    lam = 0.05
+    Xt, Dt = torch.from_numpy(X), torch.from_numpy(D)
+    Dc = _Dict(Dt)
+    Ce = Xt @ Dc.De.T
+    Ce[:, Dc.k] = lam
+    g = torch.Generator().manual_seed(seed)
+    w = 10
+    idx = torch.stack([torch.randperm(Dc.k, generator=g)[:w] for _ in range(60)])
+    idx[:, -2:] = Dc.pad                                   # some padding slots
+    z = torch.rand(60, w, generator=g, dtype=torch.float64) * (idx < Dc.pad)
+
+    def value(idx, z):
+        R = Dc.residual(Xt, idx, z)
+        return 0.5 * (R * R).sum(1) + lam * z.sum(1)
+
+    before = value(idx, z)
+    idx2, z2, _ = _lawson_hanson_inner(Dc, Ce.reshape(-1), torch.arange(60), idx.clone(), z.clone(),
+                                       lam, 1e-12)
+    after = value(idx2, z2)
+    assert bool((after <= before + 1e-12).all())
+    assert bool((z2 >= 0).all()) and bool((z2[idx2 == Dc.pad] == 0).all())
+    on = idx2 < Dc.pad
+    assert bool((z2[on] > 0).all())
+    # on the kept support the residual correlations equal lambda (the support optimum)
+    corr = Dc.residual(Xt, idx2, z2) @ Dc.De.T
+    gap = (corr.gather(1, idx2) - lam).abs()[on]
+    assert float(gap.max()) <= 1e-9
+
+
+def test_round_limited_encode_is_a_feasible_descent():
+    """With a round limit and no fallback (the partial codes of fit_dictionary's early
+    iterations) the codes are nonnegative and no row is worse than its warm start."""
+    from companion.coding import _encode_tensor
+    X, D = make_problem(200, 10, 40, 21, s=4)
+    Xt, Dt = torch.from_numpy(X), torch.from_numpy(D)
+    lam = 0.05
+    Z0 = encode(Xt, Dt, lam)
+    D2 = Dt + 0.2 * torch.from_numpy(np.random.default_rng(1).standard_normal(D.shape))
+    D2 = D2 / D2.norm(dim=1, keepdim=True)
+    Zp, info = _encode_tensor(Xt, D2, lam, 1e-9, 1, 64, Z0, False, 2, 0)
+    assert bool((Zp >= 0).all())
+    assert info.n_fallback_rows > 0                        # the limit really bit
+    f0 = torch.from_numpy(objective(X, D2.numpy(), Z0.numpy(), lam))
+    fp = torch.from_numpy(objective(X, D2.numpy(), Zp.numpy(), lam))
+    assert bool((fp <= f0 + 1e-12).all()) and float((f0 - fp).max()) > 0
