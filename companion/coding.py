@@ -11,13 +11,17 @@ and T1 says that ``z ≥ 0`` is optimal iff the residual ``r = x - zD`` satisfie
 
 The solver is a batched Lawson–Hanson active-set method. Every row keeps a small support
 ``S`` (a padded index tensor); all rows solve their support systems
-``D_S D_Sᵀ z_S = D_S x - λ1`` at once (gathered Gram sub-blocks, batched Cholesky); negative
-entries are removed by the Lawson–Hanson interpolation step (which keeps every iterate
-feasible and the objective monotone); the KKT condition off the support is checked with one
-``r Dᵀ`` product per outer iteration and the most violating atoms are added. Rows that have
-converged leave the batch. Rows that stall (rank-deficient or near-collinear supports) are
-finished by projected-gradient (FISTA) steps on the full dictionary. Rows are streamed in
-chunks, so peak memory is set by ``chunk_size`` and not by the number of samples.
+``D_S D_Sᵀ z_S = D_S x - λ1`` at once (Gram sub-blocks gathered from ``D Dᵀ``, batched
+Cholesky). Where a solve has nonpositive entries, two candidates are formed: the
+Lawson–Hanson interpolation step (stop at the first entry that reaches zero, drop it) and a
+bolder one (drop every nonpositive entry, solve again). The bold candidate is taken where it
+is feasible and no worse, which usually ends the inner loop in one step; otherwise the
+Lawson–Hanson step is taken. Either way every iterate is feasible and the objective never
+increases. The KKT condition off the support is checked with one ``r Dᵀ`` product per
+outer iteration and the most violating atoms are added. Rows that have converged leave the
+batch. Rows that stall (rank-deficient or near-collinear supports) are finished by
+projected-gradient (FISTA) steps on the full dictionary. Rows are streamed in chunks, so
+peak memory is set by ``chunk_size`` and not by the number of samples.
 """
 
 from __future__ import annotations
@@ -394,7 +398,9 @@ def _encode_chunk(X, Dc, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback
             ok = i < pad
             Zout[r[ok], i[ok]] = v[ok]
     n_fb = int(fallback.sum())
-    if n_fb and fallback_iter > 0:       # fallback_iter = 0 (internal): keep the feasible iterate
+    if n_fb and fallback_iter == 0:      # internal use: keep the feasible iterate, unconverged
+        viol_out[fallback] = math.inf
+    elif n_fb:
         rows = torch.nonzero(fallback).flatten()
         D = Dc.De[:k]
         Lip = float(torch.linalg.matrix_norm(D, ord=2)) ** 2
