@@ -247,6 +247,7 @@ def train_sae(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     init: str = "data",
+    decoder_bias: str = "mean",
     learn_decoder_bias: bool = True,
     num_threads: int | None = None,
     progress: bool = True,
@@ -257,10 +258,15 @@ def train_sae(
     over all four parameters (the decoder norms are free: the norm-weighted penalty makes
     them irrelevant, by the rescaling lemma).
 
-    Initialisation: ``b_dec`` is the mean of ``X``; with ``init="data"`` the decoder rows are
-    ``n_latents`` distinct random rows of the centred data ``X - b_dec``, normalised (each atom
-    starts pointing at a data point), with ``init="random"`` they are normalised Gaussian
-    vectors; ``W_enc = W_decᵀ`` (tied at the start only) and ``b_enc = 0``.
+    Initialisation: ``b_dec`` is the mean of ``X`` (or zero, see ``decoder_bias``); with
+    ``init="data"`` the decoder rows are ``n_latents`` distinct random rows of the centred data
+    ``X - b_dec``, normalised (each atom starts pointing at a data point), with
+    ``init="random"`` they are normalised Gaussian vectors; ``W_enc = W_decᵀ`` (tied at the
+    start only) and ``b_enc = 0``.
+
+    With ``decoder_bias="zero", learn_decoder_bias=False`` the SAE is exactly the amortised
+    form of the joint problem of Chapter 1 (no bias anywhere but ``b_enc``), as Chapter 3
+    trains it.
 
     Parameters
     ----------
@@ -274,7 +280,8 @@ def train_sae(
         Number of Adam steps.
     batch_size : int
         Minibatch size; batches walk through a fresh random permutation of the rows every
-        epoch. A batch size of at least ``n_samples`` trains on the full data.
+        epoch. A batch size of at least ``n_samples`` trains on the full data (in its own
+        row order, without permutations).
     lr : float
         Adam learning rate.
     seed : int
@@ -286,8 +293,10 @@ def train_sae(
         Parameter dtype. Default: the dtype of ``X``.
     init : {"data", "random"}
         How to initialise the decoder rows (see above).
+    decoder_bias : {"mean", "zero"}
+        Initial ``b_dec``: the mean of ``X`` or zero.
     learn_decoder_bias : bool
-        If False, ``b_dec`` stays at the data mean (and keeps ``requires_grad=False``).
+        If False, ``b_dec`` stays at its initial value (and keeps ``requires_grad=False``).
     num_threads : int, optional
         Intra-op CPU threads while training (restored afterwards; ignored off the CPU).
         Default: one thread for small models (``n_latents * n_features <= 65536``), whose
@@ -307,6 +316,8 @@ def train_sae(
     lr = check_positive(lr, "lr")
     if init not in ("data", "random"):
         raise ValueError(f"init must be 'data' or 'random', got {init!r}")
+    if decoder_bias not in ("mean", "zero"):
+        raise ValueError(f"decoder_bias must be 'mean' or 'zero', got {decoder_bias!r}")
     Xt, _ = as_tensor(X, "X", ndim=2)
     if Xt.shape[0] < 1 or Xt.shape[1] < 1:
         raise ValueError(f"X must have at least one row and one column, got shape {tuple(Xt.shape)}")
@@ -325,18 +336,19 @@ def train_sae(
         num_threads = 1
     with _cpu_threads(num_threads):
         return _train(Xt, n_latents, lam, steps, min(batch_size, n), lr, seed, init,
-                      learn_decoder_bias, progress)
+                      decoder_bias, learn_decoder_bias, progress)
 
 
 def _train(Xt: torch.Tensor, n_latents: int, lam: float, steps: int, bs: int, lr: float,
-           seed: int, init: str, learn_decoder_bias: bool, progress: bool) -> SAETrainResult:
+           seed: int, init: str, decoder_bias: str, learn_decoder_bias: bool,
+           progress: bool) -> SAETrainResult:
     """The training loop of :func:`train_sae` (inputs validated, ``Xt`` on its device)."""
     dev = Xt.device
     n, d = Xt.shape
     g = generator(seed)
     sae = VanillaSAE(d, n_latents, device=dev, dtype=Xt.dtype)
     with torch.no_grad():
-        mean = Xt.mean(0)
+        mean = Xt.mean(0) if decoder_bias == "mean" else Xt.new_zeros(d)
         if init == "data":
             rows = torch.randperm(n, generator=g)[:n_latents].to(dev)
             W = Xt[rows] - mean
@@ -344,7 +356,8 @@ def _train(Xt: torch.Tensor, n_latents: int, lam: float, steps: int, bs: int, lr
             W = torch.randn(n_latents, d, generator=g, dtype=torch.float64).to(dev, Xt.dtype)
         norms = W.norm(dim=1, keepdim=True)
         if bool((norms == 0).any()):
-            raise ValueError("init='data' drew a row of X equal to its mean; use init='random'")
+            raise ValueError("init='data' drew a row of X equal to the initial decoder bias; "
+                             "use init='random'")
         sae.W_dec.copy_(W / norms)
         sae.W_enc.copy_(sae.W_dec.T)
         sae.b_dec.copy_(mean)
@@ -357,10 +370,13 @@ def _train(Xt: torch.Tensor, n_latents: int, lam: float, steps: int, bs: int, lr
     bar = tqdm(range(steps), desc="train_sae", unit="step", file=sys.stderr,
                disable=not progress or _truthy_env("TQDM_DISABLE"))
     for step in bar:
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=g).to(dev), 0
-        batch = Xt[perm[pos:pos + bs]]
-        pos += bs
+        if bs == n:                       # full batch: no permutation needed
+            batch = Xt
+        else:
+            if pos + bs > n:
+                perm, pos = torch.randperm(n, generator=g).to(dev), 0
+            batch = Xt[perm[pos:pos + bs]]
+            pos += bs
         loss = sae._loss(batch, lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -102,6 +102,29 @@ def test_initialisation_and_fixed_decoder_bias(data):
     assert res.lam == LAM and res.seed == 0
 
 
+def test_zero_decoder_bias_full_batch_is_the_plain_adam_loop(data):
+    """decoder_bias="zero" + a full batch is Adam on the joint problem's amortised form:
+    b_dec stays 0, atoms start at normalised data rows, and the result equals a hand-written
+    full-batch loop step for step."""
+    X = data.X[:300]
+    res = train_sae(X, 6, LAM, steps=40, batch_size=10_000, lr=1e-2, seed=3,
+                    decoder_bias="zero", learn_decoder_bias=False, progress=False, num_threads=1)
+    assert torch.equal(res.sae.b_dec, torch.zeros_like(res.sae.b_dec))
+    sae = VanillaSAE(X.shape[1], 6, dtype=X.dtype)
+    rows = torch.randperm(X.shape[0], generator=companion.generator(3))[:6]
+    with torch.no_grad():
+        sae.W_dec.copy_(X[rows] / X[rows].norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
+    opt = torch.optim.Adam([sae.W_enc, sae.b_enc, sae.W_dec], lr=1e-2)
+    with companion.sae._cpu_threads(1):
+        for _ in range(40):
+            opt.zero_grad()
+            sae.loss(X, LAM).backward()
+            opt.step()
+    for name in ("W_enc", "b_enc", "W_dec"):
+        torch.testing.assert_close(getattr(res.sae, name), getattr(sae, name), rtol=0, atol=1e-12)
+
+
 def test_training_restores_the_thread_count(data):
     before = torch.get_num_threads()
     train_sae(data.X, 8, LAM, steps=2, num_threads=1, progress=False)
@@ -124,6 +147,7 @@ def test_exact_codes_never_lose_to_the_encoder(data, trained):
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"lr": 0.0}, ValueError, "lr"),
         ({"init": "zeros"}, ValueError, "init"),
+        ({"decoder_bias": "learned"}, ValueError, "decoder_bias"),
         ({"X": np.ones(5)}, ValueError, "X"),
         ({"X": np.full((4, 3), np.nan)}, ValueError, "X"),
         ({"X": [[1.0, 2.0]]}, TypeError, "X"),
