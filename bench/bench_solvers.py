@@ -63,7 +63,7 @@ def timed(f):
     return out, time.perf_counter() - t
 
 
-def part1(lam=0.1, rounds=3):
+def part1(lam=0.1, rounds=5):
     from sklearn.decomposition import sparse_encode
     print("(1) encode vs sklearn sparse_encode(algorithm='lasso_cd', positive=True)")
     n, d, k = 4096, 64, 512
