@@ -523,13 +523,15 @@ def encode(
 
 
 def _encode_tensor(X, D, lam, tol, max_iter, chunk_size, Z0, progress, add_per_iter,
-                   fallback_iter, first_add=None):
-    """Tensor-only core of :func:`encode` (inputs already validated)."""
+                   fallback_iter, first_add=None, Dc=None):
+    """Tensor-only core of :func:`encode` (inputs already validated). ``Dc``: a
+    :class:`_Dict` of ``D`` to reuse across calls (certify encodes chunk by chunk)."""
     n, k = X.shape[0], D.shape[0]
     dev, dt = X.device, X.dtype
     if first_add is None:
         first_add = max(add_per_iter, min(8, D.shape[1]))
-    Dc = _Dict(D)
+    if Dc is None:
+        Dc = _Dict(D)
     ridge = (1e-12 if dt == torch.float64 else 1e-6)
     Z = torch.zeros(n, k, dtype=dt, device=dev)
     n_iter, vmax, n_fb, smax = 0, 0.0, 0, 0
