@@ -280,7 +280,7 @@ def _fit_one(X, D, lam, tol, max_iter, n_sweeps, etol, chunk_size, resample_dead
         B = Z.T @ Z
         zsum = Z.sum(0)
         t2 = _t2(A, B, zsum, D, lam)
-        if not exact[0] and t2 <= _EXACT_BELOW:
+        if not exact[0] and t2 <= max(_EXACT_BELOW, tol):
             exact[0] = True
             Z = enc(D, Z)
             loss, R = _loss(X, D, Z, lam)
@@ -343,4 +343,8 @@ def _fit_one(X, D, lam, tol, max_iter, n_sweeps, etol, chunk_size, resample_dead
             loss, R = _loss(X, D, Z, lam)
         hist.append(loss)
     bar.close()
+    if not exact[0]:                    # stopped early (max_iter, time_limit): exact codes
+        exact[0] = True
+        Z = enc(D, Z)
+        loss, _ = _loss(X, D, Z, lam)
     return D, Z, loss, hist, t2h, it + 1, converged

@@ -50,6 +50,17 @@ def test_fit_beats_random_dictionary_and_given_init_and_torch():
     assert fit.loss < certify(X, Dr, 0.1).loss
 
 
+def test_codes_are_exact_even_when_stopped_early():
+    """Early iterations use partial codes; a fit stopped there (max_iter, or a loose tol)
+    still returns exact codes for its dictionary, and its loss is theirs."""
+    X, _ = make_problem(300, 8, 16, 5, s=3)
+    for kwargs in ({"max_iter": 2}, {"tol": 0.5}):
+        fit = fit_dictionary(X, 16, 0.05, n_restarts=1, progress=False, **kwargs)
+        assert fit.certificate.t1_violation <= 1e-6
+        assert abs(joint_loss(X, fit.D, fit.Z, 0.05) - fit.loss) <= 1e-12
+        assert abs(certify(X, fit.D, 0.05).loss - fit.loss) <= 1e-9
+
+
 def test_float32_runs():
     X, _ = make_problem(100, 6, 6, 2, s=2, dtype=np.float32)
     fit = fit_dictionary(X, 6, 0.1, n_restarts=1, progress=False, tol=1e-3, max_iter=200)
