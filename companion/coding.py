@@ -18,8 +18,10 @@ bolder one (drop every nonpositive entry, solve again). The bold candidate is ta
 is feasible and no worse, which usually ends the inner loop in one step; otherwise the
 Lawson–Hanson step is taken. Either way every iterate is feasible and the objective never
 increases. The KKT condition off the support is checked with one ``r Dᵀ`` product per
-outer iteration and the most violating atoms are added. Rows that have converged leave the
-batch. Rows that stall (rank-deficient or near-collinear supports) are finished by
+outer iteration and the most violating atoms are added (``add_per_iter`` a round; rows
+with long supports whose additions all survive are offered twice as many next round, so
+codes with tens of active atoms need tens of rounds fewer). Rows that have converged leave
+the batch. Rows that stall (rank-deficient or near-collinear supports) are finished by
 projected-gradient (FISTA) steps on the full dictionary. Rows are streamed in chunks, so
 peak memory is set by ``chunk_size`` and not by the number of samples.
 """
@@ -102,6 +104,14 @@ def default_chunk_size(n_atoms: int) -> int:
 #: Largest dictionary (in Gram entries) whose Gram matrix ``D Dᵀ`` is formed once per call;
 #: its support sub-blocks are then gathered instead of recomputed from the atoms.
 _GRAM_ENTRIES = 1 << 24
+
+#: Long supports grow faster: a row whose support has at least ``_GROW_FROM`` atoms and
+#: whose every offered atom survived is offered twice as many next round, at most
+#: ``_MAX_ADD`` and at most up to ``n_features // _ROOM_DIV`` atoms in all (supports near
+#: ``n_features`` are ill-conditioned, and there added atoms mostly drop out again).
+_GROW_FROM = 16
+_MAX_ADD = 32
+_ROOM_DIV = 4
 
 
 class _Dict:
@@ -375,7 +385,12 @@ def _encode_chunk(X, Dc, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback
         stalled = ~(add.any(1) & new_flag.any(1))
         st = torch.where(stalled, stalls[act] + 1, torch.zeros_like(stalls[act]))
         stalls[act] = st
-        padd[act] = torch.where(stalled, torch.ones_like(nadd), torch.minimum(nadd, padd[act]))
+        size = (idx_new < pad).sum(1)
+        full = (new_flag.sum(1) >= nadd) & (size >= _GROW_FROM)
+        room = (Dc.d // _ROOM_DIV - size).clamp(min=1)
+        base = torch.minimum(nadd, padd[act])
+        grow = torch.maximum(torch.minimum((2 * nadd).clamp(max=_MAX_ADD), room), base)
+        padd[act] = torch.where(stalled, torch.ones_like(nadd), torch.where(full, grow, base))
         give_up = st >= 3
         if bool(give_up.any()):
             rows = act[give_up]
@@ -467,7 +482,9 @@ def encode(
         Show a tqdm bar over chunks (stderr; honours ``TQDM_DISABLE``).
     add_per_iter : int
         Most violating atoms added per row per outer iteration (falls back to one when an
-        addition makes no progress, which restores the Lawson–Hanson guarantee).
+        addition makes no progress, which restores the Lawson–Hanson guarantee). A row whose
+        support has 16 atoms or more and whose additions all survive is offered twice as
+        many in the next round (at most 32, and at most up to ``n_features // 4`` atoms).
     first_add : int, optional
         Atoms added in the first round, from the correlations ``Dx`` alone (screening);
         default ``max(add_per_iter, min(8, n_features))``.
