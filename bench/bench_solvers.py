@@ -4,6 +4,7 @@ Prints, measured in one run:
   (1) encode vs sklearn.decomposition.sparse_encode(lasso_cd, positive=True) on the same
       problem (n=4096, d=64, k=512, λ=0.1): both times, the ratio, the objectives, the
       certificate, and encode's time as a multiple of one X @ D.T product;
+  (1b) the same at SAE-like scale (d=512, k=8192, about 90 active atoms per sample);
   (2) fit_dictionary vs sklearn DictionaryLearning(positive_code=True, cd/lasso_cd):
       final objectives, time for ours to reach sklearn's final objective, certificates;
   (3) peak memory of certify on n and 10n rows at a fixed chunk size (child processes).
@@ -113,6 +114,29 @@ def part1(lam=0.1, rounds=5):
         print("  (no CUDA device: GPU ratio not measured)")
 
 
+def part1b(lam=0.1, n=256, d=512, k=8192, s=60):
+    """SAE-like scale: long codes (about 90 active atoms of 8192) in 512 dimensions."""
+    from sklearn.decomposition import sparse_encode
+    print(f"\n(1b) the same comparison at SAE-like scale (n={n} d={d} k={k}, samples of {s} atoms, "
+          f"lambda={lam}; one round)")
+    X, D = make_data(n, d, k, s=s, seed=2)
+    Zs, t_sk = timed(lambda: sparse_encode(X.numpy(), D.numpy(), alpha=lam, algorithm="lasso_cd",
+                                           positive=True))
+    (Z, info), t_ours = timed(lambda: encode(X, D, lam, return_info=True))
+    o_ours, o_sk = objective(X, D, Z, lam), objective(X, D, torch.from_numpy(Zs), lam)
+    print(f"  sklearn {t_sk:.2f} s, companion.encode {t_ours:.2f} s: {t_sk / t_ours:.1f} x; mean "
+          f"active atoms {float((Z > 0).sum(1).double().mean()):.1f}, {info.n_iter} rounds; objective "
+          f"rel diff {(o_ours - o_sk) / o_sk:+.1e}; certify T1 ours {certify(X, D, lam, Z).t1_violation:.1e}"
+          f", sklearn {certify(X, D, lam, torch.from_numpy(Zs)).t1_violation:.1e}")
+    if torch.cuda.is_available():
+        Xc, Dc = X.cuda(), D.cuda()
+        def run():
+            encode(Xc, Dc, lam)
+            torch.cuda.synchronize()
+        t_gpu = best_time(run, repeat=2)
+        print(f"  GPU ({torch.cuda.get_device_name()}) f64 encode {t_gpu:.3f} s: {t_sk / t_gpu:.1f} x sklearn")
+
+
 def part2(lam=0.1, n=1024, d=32, k=64, rounds=2):
     from sklearn.decomposition import DictionaryLearning
     print(f"\n(2) fit_dictionary vs sklearn DictionaryLearning (n={n} d={d} k={k} lambda={lam})")
@@ -207,5 +231,6 @@ if __name__ == "__main__":
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     part1()
+    part1b()
     part2()
     part3()
