@@ -58,6 +58,16 @@ def best_time(f, repeat=3):
     return min(ts)
 
 
+def gpu_encode_time(X, D, lam, repeat=3):
+    """Best time of ``encode`` on the GPU (synchronised), and the codes it returns."""
+    Xc, Dc = X.cuda(), D.cuda()
+
+    def run():
+        encode(Xc, Dc, lam)
+        torch.cuda.synchronize()
+    return best_time(run, repeat=repeat), encode(Xc, Dc, lam)
+
+
 def timed(f):
     t = time.perf_counter()
     out = f()
@@ -101,12 +111,7 @@ def part1(lam=0.1, rounds=5):
           f"encode f32 {t32:.3f} s = {t32 / t_mm32:5.1f} x one f32 X@D.T ({t_mm32 * 1e3:.1f} ms); "
           f"f32 objective rel diff {(objective(X, D, Z32.double(), lam) - o_ours) / o_ours:+.1e}")
     if torch.cuda.is_available():
-        Xc, Dc = X.cuda(), D.cuda()
-        def run():
-            encode(Xc, Dc, lam)
-            torch.cuda.synchronize()
-        t_gpu = best_time(run)
-        Zc = encode(Xc, Dc, lam)
+        t_gpu, Zc = gpu_encode_time(X, D, lam)
         print(f"  GPU ({torch.cuda.get_device_name()}) f64 encode {t_gpu:.3f} s: "
               f"{t_sk / t_gpu:.1f} x sklearn; objective rel diff "
               f"{(objective(X, D, Zc.cpu(), lam) - o_ours) / o_ours:+.1e}")
@@ -129,11 +134,7 @@ def part1b(lam=0.1, n=256, d=512, k=8192, s=60):
           f"rel diff {(o_ours - o_sk) / o_sk:+.1e}; certify T1 ours {certify(X, D, lam, Z).t1_violation:.1e}"
           f", sklearn {certify(X, D, lam, torch.from_numpy(Zs)).t1_violation:.1e}")
     if torch.cuda.is_available():
-        Xc, Dc = X.cuda(), D.cuda()
-        def run():
-            encode(Xc, Dc, lam)
-            torch.cuda.synchronize()
-        t_gpu = best_time(run, repeat=2)
+        t_gpu, _ = gpu_encode_time(X, D, lam, repeat=2)
         print(f"  GPU ({torch.cuda.get_device_name()}) f64 encode {t_gpu:.3f} s: {t_sk / t_gpu:.1f} x sklearn")
 
 

@@ -305,14 +305,12 @@ def _certify_tensor(X, D, lam, Z, kind: ArrayKind, chunk_size, tol_active, progr
     exact = Z is None
     etol_v = etol if etol is not None else default_tol(X) if n else 1e-9
     enc_bad = 0.0
-    Dc = None                                          # the encoder's view of D, built once
+    Dc = _Dict(D) if Z is None else None               # the encoder's view of D, built once
     for s in tqdm(range(0, n, chunk_size), disable=not progress, desc="certify", unit="chunk",
                   leave=False):
         e = min(n, s + chunk_size)
         Xc = X[s:e]
         if Z is None:
-            if Dc is None:
-                Dc = _Dict(D)
             Zc, info = _encode_tensor(Xc, D, lam, etol_v, emax, chunk_size, None, False, eadd, efb,
                                       Dc=Dc)
             enc_bad = max(enc_bad, info.max_kkt_violation if not info.converged else 0.0)

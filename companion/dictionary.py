@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -102,25 +101,18 @@ def _t2(A, B, zsum, D, lam):
 
 def _sweeps(A, B, D, n_sweeps):
     """Block-coordinate sweeps ``d_k ← normalise(A_k - Σ_{j≠k} B_kj d_j)`` (in place)."""
-    if D.device.type == "cpu":          # same steps in NumPy: a fraction of torch's per-call cost
-        a, b, dn = A.numpy(), B.numpy(), D.numpy()
-        bdiag = np.diagonal(b)
-        for _ in range(n_sweeps):
-            for j in np.flatnonzero(bdiag > 0).tolist():
-                v = a[j] - b[j] @ dn
-                v += bdiag[j] * dn[j]
-                nv = math.sqrt(float(v @ v))
-                if nv > 0:
-                    dn[j] = v / nv
-        return D
-    diag = B.diagonal()
-    active = torch.nonzero(diag > 0).flatten().tolist()
+    # On the CPU the same steps run on NumPy views of the tensors: a fraction of torch's
+    # per-call cost for these small vectors.
+    a, b, dn = (A.numpy(), B.numpy(), D.numpy()) if D.device.type == "cpu" else (A, B, D)
+    diag = b.diagonal().tolist()
+    active = [j for j, v in enumerate(diag) if v > 0]
     for _ in range(n_sweeps):
         for j in active:
-            v = A[j] - B[j] @ D + diag[j] * D[j]
-            nv = v.norm()
+            v = a[j] - b[j] @ dn
+            v += diag[j] * dn[j]
+            nv = math.sqrt(float(v @ v))
             if nv > 0:
-                D[j] = v / nv
+                dn[j] = v / nv
     return D
 
 
@@ -260,10 +252,10 @@ def _fit_one(X, D, lam, tol, max_iter, n_sweeps, etol, chunk_size, resample_dead
     # iterate of the encoder is feasible and its objective never increases), and the
     # dictionary moves too much for exact codes to be worth their price. Codes are made
     # exact once T2 falls below ``_EXACT_BELOW``; convergence is declared on exact codes.
-    exact = [False]
+    exact = False
 
     def enc(D_, Z_):
-        if exact[0]:
+        if exact:
             return _encode_tensor(X, D_, lam, etol, 200, chunk_size, Z_, False, 2, 5000)[0]
         return _encode_tensor(X, D_, lam, etol, _PARTIAL_ROUNDS, chunk_size, Z_, False, 2, 0)[0]
 
@@ -280,8 +272,8 @@ def _fit_one(X, D, lam, tol, max_iter, n_sweeps, etol, chunk_size, resample_dead
         B = Z.T @ Z
         zsum = Z.sum(0)
         t2 = _t2(A, B, zsum, D, lam)
-        if not exact[0] and t2 <= max(_EXACT_BELOW, tol):
-            exact[0] = True
+        if not exact and t2 <= max(_EXACT_BELOW, tol):
+            exact = True
             Z = enc(D, Z)
             loss, R = _loss(X, D, Z, lam)
             A, B, zsum = Z.T @ X, Z.T @ Z, Z.sum(0)
@@ -343,8 +335,8 @@ def _fit_one(X, D, lam, tol, max_iter, n_sweeps, etol, chunk_size, resample_dead
             loss, R = _loss(X, D, Z, lam)
         hist.append(loss)
     bar.close()
-    if not exact[0]:                    # stopped early (max_iter, time_limit): exact codes
-        exact[0] = True
+    if not exact:                       # stopped early (max_iter, time_limit): exact codes
+        exact = True
         Z = enc(D, Z)
         loss, _ = _loss(X, D, Z, lam)
     return D, Z, loss, hist, t2h, it + 1, converged
