@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[book,test]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[book,test,lm]"
 	touch $(STAMP)
 
 ## book: build the HTML into _build/html from the stored notebook outputs, warnings as errors.

@@ -32,7 +32,7 @@ SETUP_CELL = """\
 import sys
 
 if "google.colab" in sys.modules:
-    %pip install -q "sae-optimality-companion @ git+{repo_url}"
+    %pip install -q "sae-optimality-companion{extras} @ git+{repo_url}"
 
 import companion
 
@@ -45,9 +45,14 @@ def repository_url() -> str:
     return config["repository"]["url"]
 
 
-def setup_cell_source() -> str:
-    """The canonical first code cell of every chapter."""
-    return SETUP_CELL.format(repo_url=repository_url())
+# Chapters whose Colab install needs an optional extra of the package (pyproject.toml).
+CHAPTER_EXTRAS = {"ch08_language_model": "lm"}
+
+
+def setup_cell_source(chapter: str = "") -> str:
+    """The canonical first code cell of ``chapter`` (its stem): the same everywhere but for the extras."""
+    extra = CHAPTER_EXTRAS.get(chapter)
+    return SETUP_CELL.format(repo_url=repository_url(), extras=f"[{extra}]" if extra else "")
 
 
 def paired_chapters() -> list[pathlib.Path]:
@@ -127,8 +132,8 @@ def _cells(nb: nbformat.NotebookNode) -> list[tuple[str, str]]:
 def check() -> list[str]:
     """Return a list of problems: unpaired or out-of-sync notebooks, unexecuted cells, wrong set-up cell."""
     problems = []
-    setup = setup_cell_source()
     for md in paired_chapters():
+        setup = setup_cell_source(md.stem)
         ipynb = md.with_suffix(".ipynb")
         if not ipynb.exists():
             problems.append(f"{md.name}: no paired {ipynb.name}; run `make execute`")
@@ -143,6 +148,8 @@ def check() -> list[str]:
             problems.append(f"{ipynb.name}: code cells {unrun} have no stored execution")
         if not code or code[0].source.strip() != setup.strip():
             problems.append(f"{ipynb.name}: first code cell is not the standard set-up cell")
+        elif "hide-input" not in code[0].metadata.get("tags", []):
+            problems.append(f"{ipynb.name}: the set-up cell lacks the hide-input tag")
         if not any("assert" in c.source for c in code):
             problems.append(f"{ipynb.name}: no assert ties a prediction to a measurement")
         for c in code:
