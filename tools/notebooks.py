@@ -6,17 +6,33 @@ nbval checks, and Colab opens.
 
     python tools/notebooks.py execute [CHAPTER ...]   # md -> ipynb, run every cell, store outputs
     python tools/notebooks.py check                   # pairing, outputs, set-up cell (exit 1 on problems)
+    python tools/notebooks.py set-url [URL]           # write repository.url (or URL) into every set-up cell
 
 Execution is deterministic: cell ids are derived from cell positions, the ``execution``
 timing metadata is dropped, ``TQDM_DISABLE=1`` and ``PYTHONHASHSEED=0`` are set, and each
 chapter seeds itself in its set-up cell, so a re-run leaves byte-identical ``.ipynb`` files.
+
+Each execution also records the chapter's wall time and cell counts in
+``book/execution_stats.csv`` (one row per chapter, sorted, times rounded to whole seconds,
+so a re-run on the same machine changes only the times), which the page
+``book/execution.md`` renders with Sphinx's ``csv-table`` at build time.
+
+The repository URL lives in ``_config.yml`` (``repository.url``) only. ``set-url`` rewrites
+the ``%pip install`` line of every chapter's set-up cell (in the ``.md`` and in the stored
+``.ipynb``, whose outputs do not depend on it) and the install lines of ``README.md`` and
+``book/intro.md`` from it; ``check`` refuses any place that disagrees.
 """
 
 from __future__ import annotations
 
+import csv
+import fcntl
+import io
 import os
 import pathlib
+import re
 import sys
+import time
 
 import jupytext
 import nbformat
@@ -25,6 +41,12 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
 CELL_TIMEOUT_S = 900
+STATS = BOOK / "execution_stats.csv"
+STATS_HEADER = ["Chapter", "Cells", "Code cells", "Run time (s)", "CPU cores", "Device"]
+# Files outside the chapters whose install line names the repository URL.
+URL_FILES = ("README.md", "book/intro.md")
+# The URL part of `... @ git+URL"`, in a set-up cell or an install line.
+_GIT_URL = re.compile(r'(sae-optimality-companion(?:\[[\w,]+\])? @ git\+)([^"\s]+)(")')
 
 SETUP_CELL = """\
 # Set-up (the same in every chapter). In Colab: install `companion`, keeping
@@ -39,9 +61,9 @@ import companion
 device = companion.setup(seed=0)"""
 
 
-def repository_url() -> str:
+def repository_url(root: pathlib.Path = ROOT) -> str:
     """The repository URL, kept in one place: ``repository.url`` in ``_config.yml``."""
-    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    config = yaml.safe_load((root / "_config.yml").read_text())
     return config["repository"]["url"]
 
 
@@ -49,16 +71,16 @@ def repository_url() -> str:
 CHAPTER_EXTRAS = {"ch08_language_model": "lm"}
 
 
-def setup_cell_source(chapter: str = "") -> str:
+def setup_cell_source(chapter: str = "", url: str | None = None) -> str:
     """The canonical first code cell of ``chapter`` (its stem): the same everywhere but for the extras."""
     extra = CHAPTER_EXTRAS.get(chapter)
-    return SETUP_CELL.format(repo_url=repository_url(), extras=f"[{extra}]" if extra else "")
+    return SETUP_CELL.format(repo_url=url or repository_url(), extras=f"[{extra}]" if extra else "")
 
 
-def paired_chapters() -> list[pathlib.Path]:
+def paired_chapters(book: pathlib.Path = BOOK) -> list[pathlib.Path]:
     """Markdown files of ``book/`` that jupytext pairs with a notebook."""
     chapters = []
-    for md in sorted(BOOK.glob("*.md")):
+    for md in sorted(book.glob("*.md")):
         head = md.read_text().split("\n---", 1)[0]
         if md.read_text().startswith("---") and "jupytext:" in head:
             chapters.append(md)
@@ -103,8 +125,8 @@ def _write(nb: nbformat.NotebookNode, path: pathlib.Path) -> None:
     path.write_text(text)
 
 
-def execute(md: pathlib.Path) -> None:
-    """Rebuild ``md``'s notebook from the markdown and execute it in ``book/``."""
+def run_notebook(md: pathlib.Path) -> nbformat.NotebookNode:
+    """Build the notebook from the markdown ``md`` and execute it in ``md``'s folder; nothing is written."""
     from nbclient import NotebookClient
 
     nb = jupytext.read(md)
@@ -121,8 +143,116 @@ def execute(md: pathlib.Path) -> None:
         resources={"metadata": {"path": str(md.parent)}},
     )
     client.execute()
-    nb = _normalise(nb)
+    return _normalise(nb)
+
+
+def execute(md: pathlib.Path) -> dict:
+    """Rebuild ``md``'s notebook from the markdown, execute it, store it and record its statistics.
+
+    Returns the statistics row (see :data:`STATS_HEADER`) written to ``book/execution_stats.csv``.
+    """
+    start = time.perf_counter()
+    nb = run_notebook(md)
+    seconds = time.perf_counter() - start
     _write(nb, md.with_suffix(".ipynb"))
+    row = stats_row(md.stem, nb, seconds)
+    record_stats(row)
+    return row
+
+
+def _device() -> str:
+    import torch  # only here: checking and set-url need no torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def stats_row(chapter: str, nb: nbformat.NotebookNode, seconds: float) -> dict:
+    """One row of the statistics: counts from ``nb``, the wall time rounded to whole seconds."""
+    return {
+        "Chapter": f"{{doc}}`{chapter}`",
+        "Cells": str(len(nb.cells)),
+        "Code cells": str(sum(c.cell_type == "code" for c in nb.cells)),
+        "Run time (s)": str(max(1, round(seconds))),
+        "CPU cores": str(len(os.sched_getaffinity(0))),
+        "Device": _device(),
+    }
+
+
+def _chapter_of(row: dict) -> str:
+    return row["Chapter"].removeprefix("{doc}`").removesuffix("`")
+
+
+def read_stats(path: pathlib.Path = STATS) -> dict[str, dict]:
+    """The recorded rows by chapter stem (empty when no file)."""
+    if not path.exists():
+        return {}
+    return {_chapter_of(r): r for r in csv.DictReader(io.StringIO(path.read_text()))}
+
+
+def _format_stats(rows: dict[str, dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=STATS_HEADER, lineterminator="\n")
+    writer.writeheader()
+    for chapter in sorted(rows):
+        writer.writerow(rows[chapter])
+    return out.getvalue()
+
+
+def record_stats(row: dict, path: pathlib.Path = STATS, book: pathlib.Path = BOOK) -> None:
+    """Put ``row`` into the statistics file, replacing that chapter's row and dropping rows of
+    chapters that no longer exist. Rows are sorted by chapter, so the file changes only where
+    a number does. The file is locked while it is rewritten (chapters may execute in parallel).
+    """
+    existing = {md.stem for md in paired_chapters(book)}
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        rows = {_chapter_of(r): r for r in csv.DictReader(io.StringIO(text))} if text else {}
+        rows[_chapter_of(row)] = row
+        rows = {c: r for c, r in rows.items() if c in existing}
+        f.seek(0)
+        f.truncate()
+        f.write(_format_stats(rows))
+
+
+def rewrite_url(text: str, url: str) -> str:
+    """``text`` with the URL of every ``sae-optimality-companion @ git+URL"`` replaced by ``url``."""
+    return _GIT_URL.sub(lambda m: m.group(1) + url + m.group(3), text)
+
+
+def set_url(url: str | None = None, root: pathlib.Path = ROOT) -> list[pathlib.Path]:
+    """Write ``url`` (default: ``repository.url`` of ``root/_config.yml``) into every chapter's
+    set-up cell (``.md`` and stored ``.ipynb``) and into the install lines of README and intro.
+
+    Only the first code cell of a notebook is touched, and only its URL: outputs and every other
+    cell stay as they are, so no re-execution is needed. Returns the files changed.
+    """
+    url = url or repository_url(root)
+    changed = []
+    for md in paired_chapters(root / "book"):
+        text = md.read_text()
+        start = text.find("```{code-cell}")
+        end = text.find("```", start + 3)
+        if start >= 0:
+            new = text[:start] + rewrite_url(text[start:end], url) + text[end:]
+            if new != text:
+                md.write_text(new)
+                changed.append(md)
+        ipynb = md.with_suffix(".ipynb")
+        if ipynb.exists():
+            nb = nbformat.read(ipynb, as_version=4)
+            code = [c for c in nb.cells if c.cell_type == "code"]
+            if code and rewrite_url(code[0].source, url) != code[0].source:
+                code[0].source = rewrite_url(code[0].source, url)
+                _write(nb, ipynb)
+                changed.append(ipynb)
+    for name in URL_FILES:
+        path = root / name
+        if path.exists() and rewrite_url(path.read_text(), url) != path.read_text():
+            path.write_text(rewrite_url(path.read_text(), url))
+            changed.append(path)
+    return changed
 
 
 def _cells(nb: nbformat.NotebookNode) -> list[tuple[str, str]]:
@@ -160,13 +290,56 @@ def check() -> list[str]:
                     problems.append(f"{ipynb.name}: stored stderr output: {out.get('text', '')[:80]!r}")
     stray = sorted(p.name for p in BOOK.glob("*.ipynb") if not p.with_suffix(".md").exists())
     problems += [f"{name}: notebook without a paired .md" for name in stray]
+    problems += _check_stats()
+    problems += _check_urls()
+    return problems
+
+
+def _check_stats() -> list[str]:
+    """Every chapter has a statistics row whose cell counts match its stored notebook."""
+    problems = []
+    stats = read_stats()
+    for md in paired_chapters():
+        ipynb = md.with_suffix(".ipynb")
+        if not ipynb.exists():
+            continue
+        row = stats.get(md.stem)
+        if row is None:
+            problems.append(f"{STATS.name}: no row for {md.stem}; run `make execute`")
+            continue
+        nb = nbformat.read(ipynb, as_version=4)
+        cells = str(len(nb.cells)), str(sum(c.cell_type == "code" for c in nb.cells))
+        if (row["Cells"], row["Code cells"]) != cells:
+            problems.append(f"{STATS.name}: {md.stem} recorded {row['Cells']}/{row['Code cells']} "
+                            f"cells/code cells, its notebook has {cells[0]}/{cells[1]}; run `make execute`")
+    return problems
+
+
+def _check_urls() -> list[str]:
+    """README's and the intro's install lines name the URL of ``_config.yml``."""
+    url = repository_url()
+    problems = []
+    for name in URL_FILES:
+        found = [m.group(2) for m in _GIT_URL.finditer((ROOT / name).read_text())]
+        if not found:
+            problems.append(f"{name}: no `sae-optimality-companion @ git+URL` install line")
+        elif any(u != url for u in found):
+            problems.append(f"{name}: install line names {found}, _config.yml says {url}; "
+                            "run `python tools/notebooks.py set-url`")
     return problems
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"execute", "check"}:
+    if not argv or argv[0] not in {"execute", "check", "set-url"}:
         print(__doc__)
         return 2
+    if argv[0] == "set-url":
+        if len(argv) > 2:
+            print("set-url takes at most one URL")
+            return 2
+        for path in set_url(argv[1] if len(argv) == 2 else None):
+            print(f"rewrote {path.relative_to(ROOT)}")
+        return 0
     if argv[0] == "check":
         problems = check()
         for p in problems:
@@ -177,7 +350,9 @@ def main(argv: list[str]) -> int:
         if wanted and md.stem not in wanted and md.name not in wanted:
             continue
         print(f"executing {md.relative_to(ROOT)}", flush=True)
-        execute(md)
+        row = execute(md)
+        print(f"  {row['Cells']} cells, {row['Run time (s)']} s on {row['CPU cores']} "
+              f"CPU cores ({row['Device']})", flush=True)
     return 0
 
 
