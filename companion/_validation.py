@@ -81,8 +81,18 @@ def as_tensor(
     return t, kind
 
 
+def _refuse_non_number(value: Any, name: str, what: str) -> None:
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+
+
 def check_positive(value: Any, name: str) -> float:
-    """Return ``value`` as a float, requiring a finite number > 0 (e.g. the penalty λ)."""
+    """Return ``value`` as a float, requiring a finite number > 0 (e.g. the penalty λ).
+
+    Strings and bools are refused: ``"0.1"`` or ``True`` as a penalty is a caller's mistake,
+    not a number to guess at.
+    """
+    _refuse_non_number(value, name, "a positive number")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -93,7 +103,8 @@ def check_positive(value: Any, name: str) -> float:
 
 
 def check_nonnegative(value: Any, name: str) -> float:
-    """Return ``value`` as a float, requiring a finite number ≥ 0."""
+    """Return ``value`` as a float, requiring a finite number ≥ 0 (strings and bools refused)."""
+    _refuse_non_number(value, name, "a nonnegative number")
     try:
         v = float(value)
     except (TypeError, ValueError):
