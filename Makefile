@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test execute clean check-notebooks
+.PHONY: book test execute gpu-check clean check-notebooks
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,16 @@ test: $(STAMP)
 	$(PY) tools/notebooks.py check
 	$(PY) -m pytest --nbval --nbval-current-env -q
 
-## execute: re-run every chapter (md -> ipynb) deterministically and store the outputs.
+## execute: re-run every chapter (md -> ipynb) deterministically and store the outputs; each
+## chapter's cell count and wall time go to book/execution_stats.csv (the book's statistics page).
 execute: $(STAMP)
 	$(PY) tools/notebooks.py execute
+
+## gpu-check: on a machine with CUDA, execute every chapter there into a scratch folder, compare
+## each cell's text outputs with the stored CPU outputs, and run bench/ with its GPU lines;
+## exits 1 on any difference. Without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) tools/gpu_check.py
 
 clean:
 	rm -rf _build $(VENV) .pytest_cache
