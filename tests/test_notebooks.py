@@ -25,3 +25,69 @@ def test_setup_cell_takes_the_repository_url_from_config():
 def test_chapter_is_in_the_table_of_contents(md):
     toc = (notebooks.ROOT / "_toc.yml").read_text()
     assert f"book/{md.stem}" in toc
+
+
+def _paired_md(path):
+    path.write_text("---\njupytext:\n  formats: ipynb,md:myst\n---\n\n# A chapter\n")
+    return path
+
+
+def test_statistics_rows_are_sorted_replaced_and_pruned(tmp_path):
+    stats = tmp_path / "execution_stats.csv"
+    for name in ("ch02_b", "ch01_a"):
+        _paired_md(tmp_path / f"{name}.md")
+    row = lambda ch, s: {"Chapter": f"{{doc}}`{ch}`", "Cells": "3", "Code cells": "2",  # noqa: E731
+                         "Run time (s)": str(s), "CPU cores": "2", "Device": "cpu"}
+    notebooks.record_stats(row("ch02_b", 40), stats, tmp_path)
+    notebooks.record_stats(row("ch01_a", 12), stats, tmp_path)
+    notebooks.record_stats(row("ch02_b", 41), stats, tmp_path)   # a re-run changes only its time
+    assert stats.read_text() == ("Chapter,Cells,Code cells,Run time (s),CPU cores,Device\n"
+                                 "{doc}`ch01_a`,3,2,12,2,cpu\n"
+                                 "{doc}`ch02_b`,3,2,41,2,cpu\n")
+    (tmp_path / "ch02_b.md").unlink()                              # a removed chapter loses its row
+    notebooks.record_stats(row("ch01_a", 12), stats, tmp_path)
+    assert list(notebooks.read_stats(stats)) == ["ch01_a"]
+
+
+def test_statistics_row_rounds_the_time_and_counts_cells():
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("x"),
+                                         nbformat.v4.new_code_cell("1")])
+    row = notebooks.stats_row("ch09_x", nb, 12.6)
+    assert row["Chapter"] == "{doc}`ch09_x`" and notebooks._chapter_of(row) == "ch09_x"
+    assert (row["Cells"], row["Code cells"], row["Run time (s)"]) == ("2", "1", "13")
+    assert list(row) == notebooks.STATS_HEADER
+
+
+def test_set_url_rewrites_only_the_url_of_every_setup_cell_and_install_line(tmp_path):
+    import shutil
+
+    import nbformat
+
+    (tmp_path / "book").mkdir()
+    chapter = "ch01_sae_to_joint"
+    for suffix in (".md", ".ipynb"):
+        shutil.copy(notebooks.BOOK / f"{chapter}{suffix}", tmp_path / "book" / f"{chapter}{suffix}")
+    for name in notebooks.URL_FILES:
+        shutil.copy(notebooks.ROOT / name, tmp_path / name)
+    old = notebooks.repository_url()
+    fork = "https://example.org/someone/fork"
+    (tmp_path / "_config.yml").write_text((notebooks.ROOT / "_config.yml").read_text().replace(old, fork))
+    before = {p: p.read_text() for p in tmp_path.rglob("*.*")}
+
+    changed = notebooks.set_url(root=tmp_path)
+    assert sorted(p.name for p in changed) == sorted([f"{chapter}.md", f"{chapter}.ipynb", "README.md", "intro.md"])
+    for p in changed:                                   # only the URL changed, nothing around it
+        assert p.read_text() == before[p].replace(old, fork)
+        assert fork in p.read_text()
+    nb = nbformat.read(tmp_path / "book" / f"{chapter}.ipynb", as_version=4)
+    setup = next(c for c in nb.cells if c.cell_type == "code")
+    assert setup.source == notebooks.setup_cell_source(chapter, url=fork)
+    assert notebooks.set_url(root=tmp_path) == []       # a second run has nothing to do
+
+
+def test_readme_and_intro_install_lines_name_the_configured_url():
+    assert notebooks._check_urls() == []
+    assert notebooks.rewrite_url('pip install "sae-optimality-companion[lm] @ git+https://a/b"', "https://c/d") \
+        == 'pip install "sae-optimality-companion[lm] @ git+https://c/d"'
