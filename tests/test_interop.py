@@ -92,7 +92,7 @@ def test_dictionary_learning_layout(tmp_path):
     state = {"encoder.weight": sae.W_enc.detach().T.clone(), "encoder.bias": sae.b_enc.detach().clone(),
              "decoder.weight": sae.W_dec.detach().T.clone(), "bias": sae.b_dec.detach().clone()}
     torch.save(state, tmp_path / "ae.pt")
-    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"l1_penalty": 0.1}}))
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"l1_penalty": 0.1}}))  # no trainer_class
     for where in (tmp_path, tmp_path / "ae.pt"):
         ck = load_sae(where)
         assert ck.layout == "dictionary_learning" and ck.lam is None
@@ -159,12 +159,141 @@ def test_unweighted_l1_with_non_unit_decoder_is_refused(tmp_path):
     assert checkpoint_lam(ck, override=True) == pytest.approx(0.1)
 
 
-def test_other_losses_imply_no_lam_and_normalisation_warns(tmp_path):
+def test_other_losses_imply_no_lam(tmp_path):
     sae = random_sae()
     ck = load_sae(saelens_dir(tmp_path / "a", sae, {"l1_coefficient": 0.2, "lp_norm": 0.5}))
     assert ck.lam is None and "lp_norm=0.5" in ck.lam_source
-    with pytest.warns(CheckpointWarning, match="normalize_activations='expected_average_only_in'"):
-        load_sae(saelens_dir(tmp_path / "b", sae, {"normalize_activations": "expected_average_only_in"}))
+
+
+def test_v6_metadata_and_runner_cfg_give_lam(tmp_path):
+    """SAELens v6 keeps l1_coefficient under metadata.training_architecture_details."""
+    sae = random_sae()
+    v6 = {"d_in": 5, "d_sae": 7, "architecture": "standard", "normalize_activations": "none",
+          "metadata": {"training_architecture": "standard",
+                       "training_architecture_details": {"l1_coefficient": 0.8, "lp_norm": 1.0}}}
+    with pytest.warns(CheckpointWarning, match="runner_cfg.json"):
+        ck = load_sae(saelens_dir(tmp_path / "a", sae, v6))
+    assert ck.lam == pytest.approx(0.4) and "training_architecture_details" in ck.lam_source
+    assert ck.l1_weighted_by_decoder_norm is True
+    d = saelens_dir(tmp_path / "b", sae, {"d_in": 5, "d_sae": 7})
+    (d / "runner_cfg.json").write_text(json.dumps({"sae": {"l1_coefficient": 0.6, "normalize_activations": "none"}}))
+    ck = load_sae(d)
+    assert ck.lam == pytest.approx(0.3) and "runner_cfg.json" in ck.lam_source
+    with pytest.raises(LamMismatchError):
+        checkpoint_lam(ck, 0.6)
+
+
+def test_folded_normalisation_needs_the_scale(tmp_path):
+    """expected_average_only_in folded into the weights: λ = l1 / (2 s), s from the user."""
+    sae = random_sae()
+    d = saelens_dir(tmp_path / "a", sae, {"d_in": 5, "d_sae": 7, "normalize_activations": "none"})
+    (d / "runner_cfg.json").write_text(json.dumps(
+        {"sae": {"l1_coefficient": 0.8, "normalize_activations": "expected_average_only_in"}}))
+    ck = load_sae(d)
+    assert ck.lam is None and "activation_scale" in ck.lam_source
+    with pytest.raises(ValueError, match="lam is required.*activation_scale"):
+        checkpoint_lam(ck)
+    ck = load_sae(d, activation_scale=4.0)
+    assert ck.lam == pytest.approx(0.8 / 8) and ck.activation_scale == 4.0
+    assert ck.normalize_activations == "expected_average_only_in"
+    assert torch.equal(ck.sae.W_enc, sae.W_enc)          # already folded: weights unchanged
+    with pytest.raises(CheckpointError, match="activation_scale"):
+        load_sae(d, activation_scale=-1.0)
+
+
+def test_unfolded_normalisation_is_folded_or_refused(tmp_path):
+    """Weights still for s·x: folded here when s is known, refused when not."""
+    sae = random_sae()
+    cfg = {"d_in": 5, "d_sae": 7, "normalize_activations": "expected_average_only_in", "l1_coefficient": 0.8}
+    d = saelens_dir(tmp_path / "a", sae, cfg)
+    with pytest.raises(CheckpointError, match="pass activation_scale"):
+        load_sae(d)
+    (d / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 2.0}))
+    ck = load_sae(d)
+    assert ck.lam == pytest.approx(0.2) and ck.activation_scale == 2.0
+    X = data()
+    # the folded SAE on raw x equals SAELens' SAE on 2x, rescaled back
+    assert torch.allclose(ck.sae.encode(X), sae.encode(2 * X), atol=1e-12)
+    assert torch.allclose(ck.sae(X).reconstruction, sae(2 * X).reconstruction / 2, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale", "covariance_whitening"])
+def test_per_row_and_whitening_normalisations_are_refused(tmp_path, norm):
+    with pytest.raises(CheckpointError, match=norm):
+        load_sae(saelens_dir(tmp_path, random_sae(), {"normalize_activations": norm}))
+
+
+def test_unknown_tensors_and_architectures_are_refused_by_name(tmp_path):
+    sae = random_sae()
+    t = {k: getattr(sae, k).detach().clone() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    t["threshold"] = torch.zeros(7, dtype=torch.float64)
+    with pytest.raises(CheckpointError, match=r"\['threshold'\]"):
+        load_sae(saelens_dir(tmp_path / "a", sae, {}, t))
+    for arch, name in (("topk", "TopK"), ("jumprelu", "JumpReLU"), ("gated", "gated"), ("batchtopk", "BatchTopK")):
+        with pytest.raises(CheckpointError, match=f"{name} SAE"):
+            load_sae(saelens_dir(tmp_path / arch, sae, {"architecture": arch}))
+
+
+def test_corrupt_and_malformed_files_are_checkpoint_errors(tmp_path):
+    sae = random_sae()
+    d = saelens_dir(tmp_path / "a", sae, {"d_in": 5})
+    (d / "sae_weights.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="could not read .* as safetensors"):
+        load_sae(d)
+    with pytest.raises(CheckpointError, match="d_in must be an integer"):
+        load_sae(saelens_dir(tmp_path / "b", sae, {"d_in": "five"}))
+    with pytest.raises(CheckpointError, match="d_in must be an integer"):
+        load_sae(saelens_dir(tmp_path / "c", sae, {"d_in": 5.5}))
+
+
+def dl_state(sae, new=False):
+    state = {"encoder.weight": sae.W_enc.detach().T.clone(), "encoder.bias": sae.b_enc.detach().clone(),
+             "decoder.weight": sae.W_dec.detach().T.clone()}
+    state["decoder.bias" if new else "bias"] = sae.b_dec.detach().clone()
+    return state
+
+
+def dl_dir(path, state, trainer=None, dict_class="AutoEncoder", l1=0.1):
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path / "ae.pt")
+    if trainer is not None:
+        (path / "config.json").write_text(json.dumps(
+            {"trainer": {"trainer_class": trainer, "dict_class": dict_class, "l1_penalty": l1,
+                         "activation_dim": 5, "dict_size": 7}}))
+    return path
+
+
+def test_dictionary_learning_trainers(tmp_path):
+    sae = random_sae()
+    ck = load_sae(dl_dir(tmp_path / "april", dl_state(sae), "StandardTrainerAprilUpdate", l1=0.3))
+    assert ck.lam == pytest.approx(0.15) and ck.trainer == "StandardTrainerAprilUpdate"
+    assert ck.l1_weighted_by_decoder_norm is True
+    with pytest.raises(CheckpointError, match="unsquared error"):
+        load_sae(dl_dir(tmp_path / "std", dl_state(sae), "StandardTrainer"))
+    with pytest.raises(CheckpointError, match="Lp sparsity penalty"):
+        load_sae(dl_dir(tmp_path / "pan", dl_state(sae), "PAnnealTrainer"))
+    for trainer, dict_class, name in (("TopKTrainer", "AutoEncoderTopK", "TopK"),
+                                      ("BatchTopKTrainer", "BatchTopKSAE", "BatchTopK"),
+                                      ("GatedSAETrainer", "GatedAutoEncoder", "gated"),
+                                      ("JumpReluTrainer", "JumpReluAutoEncoder", "JumpReLU")):
+        with pytest.raises(CheckpointError, match=f"{name} SAE, not supported"):
+            load_sae(dl_dir(tmp_path / trainer, dl_state(sae), trainer, dict_class))
+    state = dl_state(sae)
+    state["k"] = torch.tensor(4)
+    with pytest.raises(CheckpointError, match=r"\['k'\]"):
+        load_sae(dl_dir(tmp_path / "k", state))
+
+
+def test_dictionary_learning_autoencoder_new_folds_the_decoder_bias(tmp_path):
+    """AutoEncoderNew: f = ReLU(encoder(x)) with no centring, x̂ = decoder(f) (decoder.bias)."""
+    sae = random_sae()
+    state = dl_state(sae, new=True)
+    ck = load_sae(dl_dir(tmp_path, state, "StandardTrainerAprilUpdate", "AutoEncoderNew", l1=0.2))
+    X = data()
+    f = torch.relu(X @ state["encoder.weight"].T + state["encoder.bias"])
+    assert torch.allclose(ck.sae.encode(X), f, atol=1e-12)
+    assert torch.allclose(ck.sae.decode(f), f @ state["decoder.weight"].T + state["decoder.bias"], atol=1e-12)
+    assert ck.lam == pytest.approx(0.1)
 
 
 def test_save_rejects_bad_arguments(tmp_path):
