@@ -150,3 +150,34 @@ def test_errors_name_the_parameter(clusters):
         split_rate(X, D, LAM, 0, D[1], -Z)
     with pytest.raises(ValueError, match="unit-norm"):
         group_curvature(X, 2 * D, LAM, 0)
+
+
+def test_value_gradient_matches_forward_differences(clusters):
+    from companion.second_order import value_gradient
+
+    X, D, _ = clusters
+    g = torch.Generator().manual_seed(3)
+    E = torch.randn(D.shape, generator=g, dtype=torch.float64)
+    E = E - (E * D).sum(1, keepdim=True) * D
+    slope = float((value_gradient(X, D, LAM) * E).sum())
+    errs = []
+    for h in (1e-4, 1e-5):
+        Dh = D + h * E
+        fd = (nonneg_lasso_value(X, Dh / Dh.norm(dim=1, keepdim=True), LAM) - nonneg_lasso_value(X, D, LAM)) / h
+        errs.append(abs(fd - slope))
+    assert errs[1] < errs[0] / 5 + 1e-9          # first-order agreement: error linear in h
+
+
+def test_minimize_on_spheres_reaches_the_fit_from_random_starts():
+    from companion import fit_dictionary, match_atoms
+    from companion.second_order import minimize_on_spheres
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(120, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.5], dtype=torch.float64)
+    fit = fit_dictionary(X, 3, 0.3, n_restarts=1, tol=1e-8, progress=False)
+    run = minimize_on_spheres(X, torch.randn(3, 2, generator=g, dtype=torch.float64), 0.3)
+    assert run.loss == pytest.approx(fit.loss, abs=1e-9)
+    assert match_atoms(fit.D, run.D).min_cosine > 1 - 1e-8
+    assert run.riemannian_gradient < 1e-7
+    with pytest.raises(ValueError, match="lam"):
+        minimize_on_spheres(X, fit.D, 0.0)
