@@ -6,9 +6,15 @@ vector, ``d_in`` columns), certifies the SAE as it is and its dictionary with ex
 (:func:`companion.interop.certify_sae`), prints a readable report, and writes the full report
 as JSON on request. Progress bars go to stderr.
 
-Exit status: 0 on success; 2 on bad input (missing file, unreadable checkpoint, wrong shapes,
-a width that is not ``d_in``, a λ that is not positive or disagrees with the checkpoint's);
-the message on stderr says what was wrong.
+The activations are streamed: the ``.npy`` file is memory-mapped and read, cast and certified
+chunk by chunk, so memory follows ``--chunk-size`` (times ``d_sae``), not the number of rows.
+``--max-rows N`` certifies N rows drawn at random (``--seed``) rather than the first N, which
+in a token-ordered file would be a biased sample.
+
+Exit status: 0 on success; 2 on bad input (missing, corrupt or non-regular file, unreadable
+checkpoint, wrong shapes, a width that is not ``d_in``, a λ that is not positive or disagrees
+with the checkpoint's, an unusable ``--device``, an unwritable ``--json`` directory), with one
+line on stderr that says what was wrong.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ import argparse
 import json
 import pathlib
 import sys
+import os
+import stat
 import warnings
 
 import numpy as np
 import torch
 
 from .interop import CheckpointError, CheckpointWarning, LamMismatchError, certify_sae, checkpoint_lam, load_sae
-from .runtime import pick_device
 
 __all__ = ["build_parser", "main"]
 
@@ -47,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Certify a vanilla SAE on activations: T1 (are the encoder's codes exact for its "
             "dictionary?), T2 (is the dictionary stationary?), the duality gap, the best new "
-            "atom, dead atoms, and the amortisation gap L(D, Z_SAE) - F(D). λ is the book's: "
-            "the SAE loss is 0.5*||x - x_hat||^2 + λ * sum_k ||W_dec[k]|| z_k (SAELens' "
-            "l1_coefficient is 2λ)."
+            "atom, dead atoms, the gap to the T4 Huber bound, and the amortisation gap "
+            "L(D, Z_SAE) - F(D). λ is the book's: the SAE loss is 0.5*||x - x_hat||^2 + λ * "
+            "sum_k ||W_dec[k]|| z_k, SAELens' training loss divided by 2 (its l1_coefficient "
+            "is 2λ). A point passing T1 and T2 is a certified stationary point, not an optimum; "
+            "only meeting the Huber bound certifies a global one."
         ),
     )
     c.add_argument("checkpoint", help="SAELens directory (sae_weights.safetensors + cfg.json) "
@@ -63,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="rows per chunk (memory grows with N * d_sae)")
     c.add_argument("--max-rows", type=int, default=None, metavar="N",
-                   help="certify only the first N rows of the activations")
+                   help="certify N rows drawn at random without replacement (see --seed)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the --max-rows sample (default 0)")
+    c.add_argument("--activation-scale", type=float, default=None, metavar="S",
+                   help="SAELens' expected_average_only_in scale factor s (training saw s*x); "
+                        "then λ = l1_coefficient / (2 s)")
     c.add_argument("--no-exact", action="store_true",
                    help="skip the exact codes (faster; no amortisation gap or dictionary verdict)")
     c.add_argument("--device", default=None, help="torch device (default: CUDA if available, else CPU)")
@@ -81,13 +94,49 @@ def _positive_int(value: int | None, flag: str) -> int | None:
     return value
 
 
-def _load_activations(path: pathlib.Path, d_in: int, max_rows: int | None) -> np.ndarray:
-    if not path.is_file():
+def _device(choice: str | None) -> torch.device:
+    """The torch device asked for, checked to be usable here (default CUDA if available)."""
+    choice = choice or os.environ.get("COMPANION_DEVICE")
+    if not choice:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(choice)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {choice!r} is not a torch device (try 'cpu' or 'cuda')") from None
+    try:
+        torch.zeros(1, device=dev)
+    except (RuntimeError, AssertionError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"--device {choice!r} is not usable with this torch build: {first}") from None
+    return dev
+
+
+def _check_json_target(path: str | None) -> None:
+    if path is None:
+        return
+    out = pathlib.Path(path)
+    parent = out.parent if str(out.parent) else pathlib.Path(".")
+    if not parent.is_dir():
+        raise InputError(f"--json {path!r}: directory {str(parent)!r} does not exist")
+    if out.is_dir():
+        raise InputError(f"--json {path!r} is a directory; give a file name")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--json {path!r}: directory {str(parent)!r} is not writable")
+
+
+def _open_activations(path: pathlib.Path, d_in: int) -> np.ndarray:
+    """The activations as a read-only memory map, checked without reading the rows."""
+    if not path.exists():
         raise InputError(f"activations file {str(path)!r} does not exist")
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise InputError(f"activations {str(path)!r} is not a regular file (a FIFO, device or "
+                         "directory?); save the array with numpy.save")
     try:
         A = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # numpy raises ValueError/OSError/EOFError for foreign files
-        raise InputError(f"could not read {str(path)!r} as a .npy array: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"could not read {str(path)!r} as a .npy array: {first}") from None
     if not isinstance(A, np.ndarray):
         raise InputError(f"{str(path)!r} is not a single .npy array (an .npz archive?)")
     if A.ndim != 2:
@@ -101,28 +150,33 @@ def _load_activations(path: pathlib.Path, d_in: int, max_rows: int | None) -> np
         )
     if A.shape[0] == 0:
         raise InputError("activations have no rows")
-    if max_rows is not None:
-        A = A[:max_rows]
-    A = np.array(A, dtype=np.float64)  # a writable copy, not a view of the memory map
-    if not np.isfinite(A).all():
-        raise InputError(f"activations contain {int((~np.isfinite(A)).sum())} NaN or infinite entries")
     return A
+
+
+def _sample_rows(n: int, max_rows: int | None, seed: int) -> np.ndarray | None:
+    """A uniform random subset of ``max_rows`` row indices (sorted, for sequential reads)."""
+    if max_rows is None or max_rows >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
 
 
 def _certify(args: argparse.Namespace) -> int:
     chunk = _positive_int(args.chunk_size, "--chunk-size")
     max_rows = _positive_int(args.max_rows, "--max-rows")
     digits = _positive_int(args.digits, "--digits")
+    _check_json_target(args.json)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    device = pick_device(args.device)
+    device = _device(args.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CheckpointWarning)
-        ckpt = load_sae(args.checkpoint, device=device, dtype=dtype)
+        ckpt = load_sae(args.checkpoint, device=device, dtype=dtype,
+                        activation_scale=args.activation_scale)
     lam = checkpoint_lam(ckpt, args.lam, override=args.override_lam)
-    A = _load_activations(pathlib.Path(args.activations), ckpt.sae.d_in, max_rows)
-    X = torch.from_numpy(A).to(device=device, dtype=dtype)
-    cert = certify_sae(ckpt.sae, X, lam, exact=not args.no_exact, chunk_size=chunk,
-                       progress=not args.no_progress)
+    A = _open_activations(pathlib.Path(args.activations), ckpt.sae.d_in)
+    rows = _sample_rows(A.shape[0], max_rows, args.seed)
+    n = A.shape[0] if rows is None else rows.size
+    cert = certify_sae(ckpt.sae, A, lam, exact=not args.no_exact, chunk_size=chunk,
+                       progress=not args.no_progress, rows=rows)
 
     if args.lam is None:
         lam_from = f"from the checkpoint: {ckpt.lam_source}"
@@ -132,11 +186,16 @@ def _certify(args: argparse.Namespace) -> int:
         lam_from = f"from --lam, overriding the checkpoint's {ckpt.lam:g}"
     else:
         lam_from = "from --lam, agrees with the checkpoint"
+    sample = (f"{n} rows" if rows is None else
+              f"{n} of {A.shape[0]} rows, drawn at random with --seed {args.seed}")
     head = [
         f"checkpoint   {ckpt.path}  ({ckpt.layout}; d_in={ckpt.sae.d_in}, d_sae={ckpt.sae.d_sae})",
-        f"activations  {args.activations}  ({X.shape[0]} rows)",
+        f"activations  {args.activations}  ({sample})",
         f"lambda       {lam:g}  ({lam_from})",
     ]
+    if ckpt.activation_scale is not None:
+        head.append(f"scale        activations were multiplied by s = {ckpt.activation_scale:g} in "
+                    "training; the SAE is certified on the raw scale")
     head += [f"note         {w.message}" for w in caught if issubclass(w.category, CheckpointWarning)]
     print("\n".join(head) + "\n")
     print(cert.summary(digits=digits))
@@ -144,11 +203,13 @@ def _certify(args: argparse.Namespace) -> int:
         out = pathlib.Path(args.json)
         payload = {
             "checkpoint": str(ckpt.path), "layout": ckpt.layout, "activations": str(args.activations),
-            "n_samples": int(X.shape[0]), "d_in": ckpt.sae.d_in, "d_sae": ckpt.sae.d_sae,
+            "n_samples": int(n), "n_rows_in_file": int(A.shape[0]),
+            "row_sample": None if rows is None else {"method": "uniform without replacement", "seed": args.seed},
+            "d_in": ckpt.sae.d_in, "d_sae": ckpt.sae.d_sae, "activation_scale": ckpt.activation_scale,
             "lam_source": lam_from, **cert.to_dict(),
         }
         try:
-            out.write_text(json.dumps(payload, indent=2) + "\n")
+            out.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
         except OSError as e:
             raise InputError(f"could not write --json {str(out)!r}: {e}") from None
         print(f"\nwrote {out}")
@@ -162,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "certify":
             return _certify(args)
-    except (InputError, FileNotFoundError, CheckpointError, LamMismatchError, ValueError) as e:
-        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+    except (InputError, FileNotFoundError, CheckpointError, LamMismatchError, ValueError, TypeError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")
     return 2

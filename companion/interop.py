@@ -343,6 +343,10 @@ def _load_saelens(directory: pathlib.Path, device, dtype, activation_scale) -> C
     scale = None
     if activation_scale is not None:
         scale = _positive_scale(activation_scale, "activation_scale")
+        if "companion_lam" in cfg:
+            raise CheckpointError(
+                f"activation_scale={scale:g} was given but {cfg_path} was written by companion.save_sae, "
+                "whose companion_lam is already the λ of the raw activations")
         if train["normalize_activations"] == "none" and in_cfg == "none":
             raise CheckpointError(
                 f"activation_scale={scale:g} was given but {runner_path.name} records "
@@ -853,6 +857,7 @@ def certify_sae(sae: VanillaSAE, X: Any, lam: float, *, exact: bool = True,
         chunk_size = default_chunk_size(sae.d_sae)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     dtype, device = sae.W_dec.dtype, sae.W_dec.device
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
     tol = default_certificate_tol(dtype) if tol is None else check_positive(tol, "tol")
     etol, emax, eadd, efb = _encode_options(encode_kwargs)
     kind = ArrayKind(is_numpy=is_numpy)
@@ -863,25 +868,25 @@ def certify_sae(sae: VanillaSAE, X: Any, lam: float, *, exact: bool = True,
         on_exact = _Running(D, lam, 0.0, 8192) if exact else None
         codes = _ExactCodes(D, lam, etol, emax, eadd, efb) if exact else None
         desc = "certify_sae: read rows, SAE codes" + (", exact codes" if exact else "")
-        bar = tqdm(total=n, desc=desc, unit="row", disable=not progress, leave=False)
-        for s in range(0, n, chunk_size):
-            e = min(n, s + chunk_size)
-            idx = slice(s, e) if rows is None else rows[s:e]
-            if is_numpy:
-                chunk = torch.from_numpy(np.ascontiguousarray(X[idx])).to(device=device, dtype=dtype)
-            else:
-                chunk = X[idx] if rows is None else X[torch.as_tensor(idx, device=X.device)]
-            if not bool(torch.isfinite(chunk).all()):
-                bad = int(torch.nonzero(~torch.isfinite(chunk).all(1))[0])
-                where = s + bad if rows is None else int(idx[bad])
-                raise ValueError(f"X contains NaN or infinite entries (first in row {where})")
-            Xc = chunk - b_dec
-            Z = sae_codes(chunk, W_enc, b_enc, b_dec) * norms
-            on_sae.add(Xc, Z)
-            if exact:
-                on_exact.add(Xc, codes(Xc))
-            bar.update(e - s)
-        bar.close()
+        with tqdm(total=n, desc=desc, unit="row", disable=not progress, leave=False) as bar:
+            for s in range(0, n, chunk_size):
+                e = min(n, s + chunk_size)
+                idx = slice(s, e) if rows is None else rows[s:e]
+                if is_numpy:
+                    # one writable copy per chunk, cast on the way (a memory map stays unread elsewhere)
+                    chunk = torch.from_numpy(np.array(X[idx], dtype=np_dtype)).to(device)
+                else:
+                    chunk = X[idx] if rows is None else X[torch.as_tensor(idx, device=X.device)]
+                if not bool(torch.isfinite(chunk).all()):
+                    bad = int(torch.nonzero(~torch.isfinite(chunk).all(1))[0])
+                    where = s + bad if rows is None else int(idx[bad])
+                    raise ValueError(f"X contains NaN or infinite entries (first in row {where})")
+                Xc = chunk - b_dec
+                Z = sae_codes(chunk, W_enc, b_enc, b_dec) * norms
+                on_sae.add(Xc, Z)
+                if exact:
+                    on_exact.add(Xc, codes(Xc))
+                bar.update(e - s)
         if exact:
             codes.warn(stacklevel=2)
         rep_sae = on_sae.report(kind, codes="given", tol=tol, with_bias=True)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def test_lam_defaults_to_the_checkpoint_and_max_rows_no_exact(trained, capsys):
                           "--no-exact", "--no-progress", "--dtype", "float32"], capsys)
     assert code == 0, err
     assert "from the checkpoint: cfg.json companion_lam" in out
-    assert "(50 rows)" in out and "amortisation gap" not in out
+    assert "(50 of 200 rows, drawn at random with --seed 0)" in out and "amortisation gap" not in out
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -97,7 +98,7 @@ def test_bad_files_exit_2(trained, tmp_path, capsys):
     bad[1, 2] = np.nan
     np.save(tmp_path / "nan.npy", bad)
     code, _, err = run(["certify", str(trained / "sae"), str(tmp_path / "nan.npy")], capsys)
-    assert code == 2 and "1 NaN or infinite entries" in err
+    assert code == 2 and "NaN or infinite entries (first in row 1)" in err
 
 
 def test_dictionary_learning_checkpoint_needs_lam(trained, tmp_path, capsys):
@@ -124,3 +125,105 @@ def test_module_entry_point_and_usage_errors(trained):
     assert "verdict" in ok.stdout
     usage = subprocess.run([sys.executable, "-m", "companion"], capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_json_holds_the_report_contents(trained, capsys):
+    out_json = trained / "full.json"
+    code, out, err = run(["certify", str(trained / "sae"), str(trained / "acts.npy"), "--json", str(out_json),
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    rep = json.loads(out_json.read_text())
+    assert rep["sae_codes"]["codes"] == "given" and rep["exact_codes"]["codes"] == "exact"
+    for part in ("sae_codes", "exact_codes"):
+        r = rep[part]
+        for key in ("l0", "fvu", "t1_violation_lam", "huber_bound", "huber_gap", "bias_stationarity", "verdict"):
+            assert key in r, (part, key)
+        assert r["huber_gap"] >= 0 and 0 <= r["fvu"] <= 1
+    assert "SAELens training loss / 2" in rep["loss_convention"]
+    assert "optim" not in rep["exact_codes"]["verdict"]
+    for words in ("SAELens' training loss divided by 2", "FVU = sum_n", "in units of lambda", "L0",
+                  "gap to T4 Huber bound", "would lower the loss by at least"):
+        assert words in out, words
+
+
+def test_max_rows_is_a_seeded_random_sample(trained, capsys):
+    losses = {}
+    for seed in (0, 0, 1):
+        out_json = trained / f"s{seed}.json"
+        code, out, err = run(["certify", str(trained / "sae"), str(trained / "acts.npy"), "--max-rows", "40",
+                              "--seed", str(seed), "--no-exact", "--no-progress", "--json", str(out_json)], capsys)
+        assert code == 0, err
+        rep = json.loads(out_json.read_text())
+        assert rep["n_samples"] == 40 and rep["n_rows_in_file"] == 200 and rep["row_sample"]["seed"] == seed
+        losses.setdefault(seed, []).append(rep["sae_codes"]["loss"])
+    assert losses[0][0] == losses[0][1] != losses[1][0]
+
+
+def one_line_error(code, out, err, match):
+    assert code == 2 and out == "", (code, out, err)
+    assert err.count("\n") == 1 and match in err, err
+
+
+def test_bad_device_json_dir_and_non_regular_files_exit_2(trained, tmp_path, capsys):
+    sae, acts = str(trained / "sae"), str(trained / "acts.npy")
+    one_line_error(*run(["certify", sae, acts, "--device", "banana"], capsys), "--device 'banana'")
+    if not torch.cuda.is_available():
+        one_line_error(*run(["certify", sae, acts, "--device", "cuda"], capsys), "not usable with this torch")
+    one_line_error(*run(["certify", sae, acts, "--json", str(tmp_path / "no" / "r.json")], capsys),
+                   "does not exist")
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)
+    one_line_error(*run(["certify", sae, str(fifo)], capsys), "not a regular file")
+    one_line_error(*run(["certify", sae, "/dev/zero"], capsys), "not a regular file")
+    one_line_error(*run(["certify", sae, acts, "--lam", "0.05", "--activation-scale", "2"], capsys),
+                   "activation_scale")
+
+
+def test_corrupt_checkpoint_files_exit_2(trained, tmp_path, capsys):
+    import shutil
+    acts = str(trained / "acts.npy")
+    bad = tmp_path / "bad"
+    shutil.copytree(trained / "sae", bad)
+    (bad / "sae_weights.safetensors").write_bytes(b"\x00\x01 not safetensors")
+    one_line_error(*run(["certify", str(bad), acts], capsys), "could not read")
+    shutil.copy(trained / "sae" / "sae_weights.safetensors", bad / "sae_weights.safetensors")
+    cfg = json.loads((bad / "cfg.json").read_text())
+    cfg["d_in"] = "5x"
+    (bad / "cfg.json").write_text(json.dumps(cfg))
+    one_line_error(*run(["certify", str(bad), acts], capsys), "d_in must be an integer")
+
+
+PEAK = textwrap.dedent("""
+    import resource, sys
+    from companion.cli import main
+    code = main(sys.argv[1:])
+    print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_rows(tmp_path):
+    """Issue 13.1: rows are streamed, so peak RSS at 40k rows ≈ peak RSS at 4k rows.
+
+    One (n, d_sae) float64 code matrix at 40k rows would be 40000 * 2048 * 8 B = 655 MB; the
+    memory-mapped file itself is 5 MB.
+    """
+    d_in, d_sae = 32, 2048
+    g = torch.Generator().manual_seed(0)
+    sae = VanillaSAE(d_in, d_sae, dtype=torch.float64)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g, dtype=torch.float64))
+        sae.W_enc.copy_(sae.W_dec.T / d_in)
+    save_sae(sae, tmp_path / "wide", lam=0.1)
+    peaks = {}
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    for n in (4000, 40000):
+        np.save(tmp_path / f"a{n}.npy", np.random.default_rng(n).standard_normal((n, d_in)).astype(np.float32))
+        done = subprocess.run([sys.executable, "-c", PEAK, "certify", str(tmp_path / "wide"),
+                               str(tmp_path / f"a{n}.npy"), "--no-exact", "--chunk-size", "256",
+                               "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        code, kib = done.stdout.split()[-2:]
+        assert code == "0"
+        peaks[n] = int(kib) / 1024
+    print(f"peak RSS: {peaks[4000]:.0f} MiB at 4000 rows, {peaks[40000]:.0f} MiB at 40000 rows")
+    assert peaks[40000] - peaks[4000] < 40, peaks
