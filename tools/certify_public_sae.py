@@ -122,12 +122,17 @@ def documentation_texts() -> list[str]:
     return paragraphs
 
 
-def collect_activations(info: dict, n_tokens: int, device: str) -> torch.Tensor:
-    """Activations (n_tokens, d_in) at ``info['hook_name']`` of ``info['model_name']`` on the documentation."""
-    from transformer_lens import HookedTransformer
+def collect_activations(info: dict, n_tokens: int, device: str, model: Any = None) -> torch.Tensor:
+    """Activations (n_tokens, d_in) at ``info['hook_name']`` of ``info['model_name']`` on the documentation.
 
-    model = HookedTransformer.from_pretrained(info["model_name"], device=device,
-                                              **info["model_from_pretrained_kwargs"])
+    ``model`` (a ``HookedTransformer``) is loaded by name when not given. Each paragraph is one
+    window of at most ``context_size`` tokens; only the blocks up to the hook are computed.
+    """
+    if model is None:
+        from transformer_lens import HookedTransformer
+
+        model = HookedTransformer.from_pretrained(info["model_name"], device=device,
+                                                  **info["model_from_pretrained_kwargs"])
     model.eval()
     hook = info["hook_name"]
     layer = re.match(r"blocks\.(\d+)\.", hook)
