@@ -46,6 +46,7 @@ __all__ = [
     "group_atom",
     "parent_child",
     "predict_partial_absorption",
+    "predict_partial_absorption_empirical",
     "predict_splitting",
 ]
 
@@ -578,6 +579,58 @@ def predict_partial_absorption(
     return PartialAbsorptionPrediction(lam=lam, theta=float(root), cos_theta=math.cos(root),
                                        absorption_rate=float(rate), stationarity=float(stat),
                                        expected_child_cost=cost)
+
+
+def predict_partial_absorption_empirical(a: Any, b: Any, lam: float) -> PartialAbsorptionPrediction:
+    r"""The ansatz of :func:`predict_partial_absorption` solved on given child samples (Chapter 3).
+
+    Same fixed point :math:`g(\theta) = \overline{z_u\,\tau^\top r} = 0`, but with the
+    expectation replaced by the mean over the empirical magnitudes ``a``, ``b`` of the child
+    samples (codes from :func:`ansatz_codes`), and the rate by the empirical fraction of those
+    samples with :math:`z_p = 0`. Comparing a fitted dictionary with this prediction on the
+    *same* samples removes the sampling error that a comparison with the population
+    prediction carries (binomial standard error :math:`\sqrt{p(1-p)/n}` of the rate).
+
+    Parameters
+    ----------
+    a, b : array (n_child_samples,)
+        Parent and child magnitudes of the samples that hold a child.
+    lam : float
+        The penalty :math:`\lambda > 0`.
+
+    Returns
+    -------
+    PartialAbsorptionPrediction
+        ``expected_child_cost`` is the mean ansatz cost over the given samples.
+    """
+    lam = check_positive(lam, "lam")
+    at, _ = as_tensor(a, "a", ndim=1)
+    bt, _ = as_tensor(b, "b", ndim=1, like=at)
+    if at.shape != bt.shape or at.numel() == 0:
+        raise ValueError(f"a and b must be nonempty and of the same shape, got {tuple(at.shape)} and {tuple(bt.shape)}")
+    an = at.detach().cpu().double().numpy()
+    bn = bt.detach().cpu().double().numpy()
+
+    def g(th: float) -> float:
+        zp, zu = ansatz_codes(an, bn, th, lam)
+        c, s = math.cos(th), math.sin(th)
+        rp, rc = an - zp - zu * c, bn - zu * s
+        return float(np.mean(zu * (-s * rp + c * rc)))
+
+    grid = np.linspace(1e-3, math.pi / 2, 160)
+    vals = [g(th) for th in grid]
+    root = None
+    for i in range(len(grid) - 1):
+        if vals[i] > 0 >= vals[i + 1]:
+            root = optimize.brentq(g, grid[i], grid[i + 1], xtol=1e-13, rtol=1e-13)
+            break
+    if root is None:
+        root = float(grid[-1]) if vals[-1] > 0 else float(grid[int(np.argmin(np.abs(vals)))])
+    zp, _ = ansatz_codes(an, bn, root, lam)
+    cost = float(np.mean(ansatz_child_cost(an, bn, root, lam)))
+    return PartialAbsorptionPrediction(lam=lam, theta=float(root), cos_theta=math.cos(root),
+                                       absorption_rate=float(np.mean(zp <= 0)),
+                                       stationarity=g(root), expected_child_cost=cost)
 
 
 # ----------------------------------------------------------------------------------------

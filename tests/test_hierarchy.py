@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import companion
 from companion import (ansatz_child_cost, ansatz_codes, concept_tree, group_atom, parent_child,
                        predict_partial_absorption, predict_splitting)
 from companion.coding import encode
@@ -170,3 +171,22 @@ def test_predict_splitting_finds_the_tree():
     assert leaves.loss < groups.loss
     with pytest.raises(ValueError, match="n_atoms must be <= the 4 leaves"):
         predict_splitting(tree, 0.2, 5)
+
+
+def test_empirical_ansatz_agrees_with_the_population_prediction():
+    from companion.hierarchy import predict_partial_absorption_empirical
+
+    g = torch.Generator().manual_seed(0)
+    a = 0.5 + torch.rand(20000, generator=g, dtype=torch.float64)
+    b = 0.5 + torch.rand(20000, generator=g, dtype=torch.float64)
+    pop = companion.predict_partial_absorption(0.3)
+    emp = predict_partial_absorption_empirical(a, b, 0.3)
+    se = (pop.absorption_rate * (1 - pop.absorption_rate) / 20000) ** 0.5
+    assert abs(emp.absorption_rate - pop.absorption_rate) < 4 * se
+    assert abs(emp.cos_theta - pop.cos_theta) < 5e-3
+    assert abs(emp.stationarity) < 1e-10
+    # fixed magnitudes: the root is the direction of the sample itself, tan θ = b / a
+    fixed = predict_partial_absorption_empirical(np.full(5, 1.0), np.full(5, 0.8), 0.3)
+    assert fixed.theta == pytest.approx(math.atan2(0.8, 1.0), abs=1e-8)
+    with pytest.raises(ValueError, match="same shape"):
+        predict_partial_absorption_empirical(a, b[:3], 0.3)

@@ -3,8 +3,12 @@
     python tools/absorption_grid.py [--out DIR] [--quick] [--device cuda]
 
 Part 1 (partial absorption): for every magnitude spread and λ of the grid, and several data
-seeds, the prediction of ``companion.predict_partial_absorption`` next to certified joint
-optima (``companion.fit_dictionary``) and vanilla SAEs with the decoder bias held at zero.
+seeds, the prediction of ``companion.predict_partial_absorption`` (with its binomial standard
+error) and the same ansatz solved on the very samples drawn
+(``companion.predict_partial_absorption_empirical``), next to certified stationary points of
+the joint problem (``companion.fit_dictionary``, best of its restarts) and vanilla SAEs with the
+decoder bias held at zero. A closing summary gives, per spread and λ, the mean and spread
+over seeds of the fitted rate minus each prediction.
 Part 2 (splitting): the (3, 2) concept tree (root, 3 groups, 6 leaves), certified optima for
 K = 1 .. 8 next to ``companion.predict_splitting``.
 
@@ -68,17 +72,25 @@ def partial_absorption(device, quick):
                 fit = companion.fit_dictionary(data.X, 4, lam, seed=seed, progress=False)
                 c = fit.certificate
                 cos_opt, rep_opt = measure(data, fit.D, fit.Z)
+                # the same ansatz on these very samples: no sampling error left in the comparison
+                same = companion.predict_partial_absorption_empirical(
+                    data.a[data.has_child], data.b[data.has_child], lam)
+                n_child = int(data.has_child.sum())
                 sae = train_sae_without_bias(data.X, 4, lam, seed, steps=steps)
                 Xc, D_sae, Z_sae = sae.joint_view(data.X)
                 cos_sae, rep_sae = measure(data, D_sae, Z_sae)
                 row = dict(spread=f"U[{lo}, {hi}]", lam=lam, seed=seed,
-                           pred_rate=pred.absorption_rate, opt_rate=rep_opt.main_silent_rate,
+                           pred_rate=pred.absorption_rate,
+                           pred_rate_se=(pred.absorption_rate * (1 - pred.absorption_rate) / n_child) ** 0.5,
+                           same_rate=same.absorption_rate, same_cos=same.cos_theta,
+                           opt_rate=rep_opt.main_silent_rate,
                            sae_rate=rep_sae.main_silent_rate, pred_cos=pred.cos_theta, opt_cos=cos_opt,
                            sae_cos=cos_sae, opt_full=rep_opt.full_absorption_rate,
                            opt_fraction=rep_opt.mean_absorption_fraction,
                            t1=c.t1_violation, t2=c.t2_violation, gap=c.duality_gap)
                 out.append(row)
                 print(f"{row['spread']:14s} λ={lam:.2f} seed={seed}  rate pred {row['pred_rate']:.3f} "
+                      f"(±{row['pred_rate_se']:.3f}) same-sample {row['same_rate']:.3f} "
                       f"opt {row['opt_rate']:.3f} SAE {row['sae_rate']:.3f}   cos pred {row['pred_cos']:.3f} "
                       f"opt {row['opt_cos']:.3f} SAE {row['sae_cos']:.3f}   T1 {c.t1_violation:.1e} "
                       f"T2 {c.t2_violation:.1e} gap {c.duality_gap:.1e}", flush=True)
@@ -129,7 +141,7 @@ def figure(rows, path):
     axes[0].set(xlabel="λ", ylabel="P(parent latent silent | child present)")
     axes[1].set(xlabel="λ", ylabel="cos(child atom, p)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("prediction (lines), certified optima (o), SAEs with b_dec = 0 (x)")
+    fig.suptitle("prediction (lines), certified stationary points (o), SAEs with b_dec = 0 (x)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -147,6 +159,20 @@ def main():
     write_csv(rows, out / "absorption_grid.csv")
     figure(rows, out / "absorption_grid.png")
     write_csv(splitting(device, args.quick), out / "splitting.csv")
+    summary(rows)
+
+
+def summary(rows):
+    """Mean and spread over seeds of fit − prediction, population and same-sample."""
+    print("\nspread          λ     fit − population (mean ± sd)   fit − same-sample (mean ± sd)   n seeds")
+    for spread in sorted({r["spread"] for r in rows}):
+        for lam in sorted({r["lam"] for r in rows if r["spread"] == spread}):
+            mine = [r for r in rows if r["spread"] == spread and r["lam"] == lam]
+            dp = np.array([r["opt_rate"] - r["pred_rate"] for r in mine])
+            ds = np.array([r["opt_rate"] - r["same_rate"] for r in mine])
+            sd = (lambda v: v.std(ddof=1) if len(v) > 1 else float("nan"))
+            print(f"{spread:14s} {lam:.2f}   {dp.mean():+.3f} ± {sd(dp):.3f}               "
+                  f"{ds.mean():+.3f} ± {sd(ds):.3f}                {len(mine)}")
 
 
 if __name__ == "__main__":
