@@ -235,31 +235,32 @@ def _certify(X, C, Z, R, lam, nmu):
     return U64.to(R.dtype), p, d, phi
 
 
-def _newton_direction(X, Ca, Za, M, lam, nmu):
-    """Newton direction of the smooth restriction of ``N·P`` to the support mask ``M``.
+_WOODBURY_MAX = 2 ** 24  # entries of the (samples × support slots × open columns) array it needs
+
+
+def _newton_direction(Ca, Za, M, g, nmu):
+    """Newton direction (free entries ``M``, gradient ``g``) of ``N·P`` on the open columns of ``Za``.
 
     On a fixed support the ℓ1 term is linear and every open column has ``‖w‖ > 0``, so the
     objective is smooth with Hessian
 
-    ``H = blockdiag_n(G_{S_n}) + Nμ·Diag(1/‖w_k‖) − Σ_k (Nμ/‖w_k‖) ŵ_k ŵ_kᵀ``
+    ``H = A − W S Wᵀ,   A = blockdiag_n(G_{S_n}) + Nμ·Diag(1/‖w_k‖),   S = Diag(Nμ/‖w_k‖)``
 
-    (``G = C Cᵀ``; one Gram block per sample plus one rank-one correction per open column).
-    It is solved by conjugate gradients preconditioned with the block-diagonal part, which
-    the samples' small Gram blocks make cheap to factor in one batch; the remainder has rank
-    at most the number of open columns, so few iterations are needed even when nearly
-    collinear candidates make ``H`` ill-conditioned.
+    (``G = C Cᵀ``; ``A`` has one small Gram block per sample, ``W`` has one column ``ŵ_k``
+    per open column, restricted to the free entries). The samples' blocks are factored in
+    one batch and ``H d = −g`` is solved exactly by the Woodbury identity, whose capacitance
+    matrix ``S⁻¹ − WᵀA⁻¹W`` is only (open columns)²; where the padded ``W`` would be too large
+    (``_WOODBURY_MAX``) conjugate gradients preconditioned with ``A`` solve it instead (the
+    remainder has rank at most the number of open columns, so few iterations are needed).
     """
     n, ka = Za.shape
-    if not bool(M.any()):
-        return None
     Mf = M.to(Za.dtype)
     wnorm = Za.norm(dim=0).clamp(min=1e-300)
     what = Za / wnorm
-    R = X - Za @ Ca
-    g = (-(R @ Ca.T) + lam + (nmu * what if nmu > 0 else 0.0)) * Mf
+    g = g * Mf
     G = Ca @ Ca.T
     cnt = M.sum(1)
-    s = int(cnt.max())
+    s = max(int(cnt.max()), 1)
     idx = torch.argsort((~M).to(torch.int8), dim=1, stable=True)[:, :s]   # support first
     valid = torch.arange(s, device=Za.device).unsqueeze(0) < cnt.unsqueeze(1)
     Gb = G[idx.unsqueeze(2), idx.unsqueeze(1)]
@@ -274,10 +275,30 @@ def _newton_direction(X, Ca, Za, M, lam, nmu):
         L, _ = torch.linalg.cholesky_ex(Gb + 1e-8 * eye.double())
     vmask = valid.to(torch.float64)
 
+    def gather(v):
+        return v.double().gather(1, idx) * vmask
+
+    def scatter(vb):
+        return torch.zeros_like(Za).scatter(1, idx, (vb * vmask).to(Za.dtype))
+
+    if nmu > 0 and n * s * ka <= _WOODBURY_MAX:
+        Wp = torch.zeros(n, s, ka, dtype=torch.float64, device=Za.device)
+        Wp.scatter_(2, idx.unsqueeze(2), gather(what).unsqueeze(2))
+        y = torch.cholesky_solve(gather(-g).unsqueeze(2), L)          # A⁻¹(−g), per sample
+        AW = torch.cholesky_solve(Wp, L)                               # A⁻¹W, per sample
+        Wf = Wp.reshape(n * s, ka)
+        cap = torch.diag(wnorm.double() / nmu) - Wf.T @ AW.reshape(n * s, ka)
+        rhs = Wf.T @ y.reshape(n * s, 1)
+        # H ⪰ 0 makes the capacitance matrix positive semidefinite; a tiny ridge covers the
+        # directions that nearly collinear candidates leave flat.
+        cap = cap + 1e-12 * float(cap.diagonal().abs().mean()) * torch.eye(ka, dtype=cap.dtype,
+                                                                             device=cap.device)
+        Lc, info = torch.linalg.cholesky_ex(cap)
+        c = torch.cholesky_solve(rhs, Lc) if int(info) == 0 else torch.linalg.lstsq(cap, rhs).solution
+        return scatter(y.squeeze(2) + (AW @ c.unsqueeze(0)).squeeze(2))
+
     def precond(v):
-        vb = v.double().gather(1, idx) * vmask
-        sol = torch.cholesky_solve(vb.unsqueeze(2), L).squeeze(2) * vmask
-        return torch.zeros_like(v).scatter(1, idx, sol.to(v.dtype))
+        return scatter(torch.cholesky_solve(gather(v).unsqueeze(2), L).squeeze(2))
 
     def hess(v):
         Hv = (v @ Ca) @ Ca.T
@@ -308,45 +329,73 @@ def _newton_direction(X, Ca, Za, M, lam, nmu):
     return D
 
 
-def _newton_polish(X, Ca, Za, lam, nmu, steps=8):
-    """Active-set Newton on the open columns of ``Za`` (Chapter 6).
+def _newton_polish(X, Ca, Za, lam, nmu, steps=30):
+    """Projected Newton (Bertsekas, 1982) on the open columns of ``Za`` (Chapter 6).
 
-    Each step moves to the minimiser of the objective restricted to the current support;
-    entries that would turn negative are clamped to zero (the support shrinks, as in
-    Lawson–Hanson), and if the clamped step does not decrease the objective the step stops
-    at the first entry to reach zero. When a step needs no clamping, entries of open columns
-    whose T1-type condition ``c_kᵀr_n ≤ λ`` fails join the support. Returns the improved
-    codes, or ``None``.
+    On the open columns the objective is smooth apart from the bound ``Z ≥ 0``. Entries at
+    (or within ``ε`` of) zero whose gradient pushes them down stay fixed; on the others a
+    Newton step is taken (the fixed ones head for zero) and projected back onto ``Z ≥ 0``, halving it until the Armijo
+    condition along the projection arc holds. Once the fixed set is the optimal one the
+    steps converge quadratically; entries of open columns that should open are free
+    because their gradient is negative. Columns that close stay closed (the caller's
+    working set reopens them if the certificate asks). Returns the improved codes, or
+    ``None`` when no step decreased the objective.
     """
+    if Za.numel() == 0:
+        return None
     f0 = _primal_scaled(X - Za @ Ca, Za, lam, nmu)
     best = None
-    M = Za > 0
     for _ in range(steps):
-        D = _newton_direction(X, Ca, Za, M, lam, nmu)
-        if D is None:
+        wnorm = Za.norm(dim=0)
+        openc = wnorm > 0
+        what = Za / wnorm.clamp(min=1e-300)
+        g = (-((X - Za @ Ca) @ Ca.T) + lam + nmu * what) * openc
+        pg = Za - (Za - g).clamp(min=0)          # projected gradient
+        eps = min(1e-4, float(pg.abs().max()))
+        if eps == 0:
             break
-        Zt = (Za + D).clamp(min=0)
-        ft = _primal_scaled(X - Zt @ Ca, Zt, lam, nmu)
-        clamped = bool(((Za + D) < 0).any())
-        if not ft < f0:
-            neg = D < 0
-            if not bool(neg.any()):
-                break
-            tmax = float((Za[neg] / -D[neg]).min())
-            Zt = (Za + tmax * D).clamp(min=0)
-            Zt[(Za + tmax * D) <= 0] = 0
+        M = ((Za > eps) | (g < 0)) & openc
+        if not bool(M.any()):
+            break
+        D = _newton_direction(Ca, Za, M, g, nmu)
+        D = torch.where(M, D, -Za)               # fixed entries head for zero
+        t, accepted = 1.0, False
+        while t > 1e-12:
+            Zt = (Za + t * D).clamp(min=0)
             ft = _primal_scaled(X - Zt @ Ca, Zt, lam, nmu)
-            if not ft < f0:
+            # Armijo along the arc: the Newton part on the free set, the gradient part on the fixed one
+            if ft <= f0 + 1e-4 * float((g * (Zt - Za)).sum()):
+                accepted = True
                 break
-            clamped = True
+            t *= 0.5
+        if not accepted or not ft < f0:
+            break
+        Zt, ft = _close_columns(X, Ca, Zt, lam, nmu, ft)
+        done = f0 - ft <= 1e-15 * abs(f0)
         Za, f0, best = Zt, ft, Zt
-        M = Za > 0
-        if not clamped:
-            grow = ((X - Za @ Ca) @ Ca.T > lam * (1 + 1e-9)) & ~M & (Za.norm(dim=0) > 0)
-            if not bool(grow.any()):
-                break
-            M = M | grow
+        if done:
+            break
     return best
+
+
+def _close_columns(X, Ca, Za, lam, nmu, f):
+    """Close, one at a time, the open columns whose exact block minimiser (given the others)
+    is zero, ``‖(R c_k + w_k − λ)_+‖ ≤ Nμ``: Newton steps only shrink such a column
+    geometrically, because the group norm is not smooth at zero. Each closure is an exact
+    block minimisation, so the objective does not increase. Returns the codes and ``N·P``."""
+    if nmu <= 0:
+        return Za, f
+    R = X - Za @ Ca
+    wn = Za.norm(dim=0)
+    cand = ((wn > 0) & (((R @ Ca.T + Za) - lam).clamp(min=0).norm(dim=0) <= nmu)).nonzero().flatten()
+    if cand.numel() == 0:
+        return Za, f
+    Za = Za.clone()
+    for j in cand.tolist():
+        if float(((R @ Ca[j] + Za[:, j]) - lam).clamp(min=0).norm()) <= nmu:
+            R += torch.outer(Za[:, j], Ca[j])
+            Za[:, j] = 0
+    return Za, _primal_scaled(R, Za, lam, nmu)
 
 
 def _prox(V: torch.Tensor, t_l1: float, t_grp: float) -> torch.Tensor:
