@@ -91,3 +91,11 @@ def test_readme_and_intro_install_lines_name_the_configured_url():
     assert notebooks._check_urls() == []
     assert notebooks.rewrite_url('pip install "sae-optimality-companion[lm] @ git+https://a/b"', "https://c/d") \
         == 'pip install "sae-optimality-companion[lm] @ git+https://c/d"'
+
+
+def test_the_statistics_page_renders_the_csv_and_is_in_the_table_of_contents():
+    page = (notebooks.BOOK / "execution.md").read_text()
+    assert "```{csv-table}\n:file: execution_stats.csv\n:header-rows: 1" in page
+    assert "book/execution" in (notebooks.ROOT / "_toc.yml").read_text()
+    header = notebooks.STATS.read_text().splitlines()[0]
+    assert header.split(",") == notebooks.STATS_HEADER
