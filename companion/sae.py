@@ -115,6 +115,11 @@ class VanillaSAE(torch.nn.Module):
     def _input(self, value: Any, name: str, width: int) -> tuple[torch.Tensor, ArrayKind]:
         """Validate a 2-D input of ``width`` columns and bring numpy inputs to the parameters."""
         if isinstance(value, torch.Tensor):
+            if value.dtype in (torch.float32, torch.float64) and value.dtype != self.W_dec.dtype:
+                raise TypeError(
+                    f"{name} is a {value.dtype} tensor but this SAE's parameters are "
+                    f"{self.W_dec.dtype}: pass {name}.to({self.W_dec.dtype}), or convert the SAE "
+                    f"with sae.to({value.dtype})")
             t, kind = as_tensor(value, name, ndim=2, like=self.W_dec)
         else:
             t, kind = as_tensor(value, name, ndim=2)

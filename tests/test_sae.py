@@ -170,7 +170,7 @@ def test_module_rejects_bad_inputs():
     sae = VanillaSAE(3, 4)
     with pytest.raises(ValueError, match="X must have 3 columns"):
         sae.encode(torch.zeros(2, 5))
-    with pytest.raises(TypeError, match="X has dtype"):
+    with pytest.raises(TypeError, match="X is a torch.float64 tensor but this SAE"):
         sae.encode(torch.zeros(2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="lam"):
         sae.loss(torch.zeros(2, 3), 0.0)
@@ -178,3 +178,10 @@ def test_module_rejects_bad_inputs():
         sae.dictionary()
     with pytest.raises(TypeError, match="sae"):
         companion.amortisation_gap("not an sae", np.zeros((2, 3)), 0.1)
+
+
+def test_a_tensor_of_another_dtype_is_refused_with_the_fix():
+    sae = random_sae(dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"float32 tensor but this SAE's parameters are torch.float64: "
+                                        r"pass X.to\(torch.float64\)"):
+        sae.encode(torch.zeros(2, 5))
