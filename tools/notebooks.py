@@ -161,9 +161,11 @@ def execute(md: pathlib.Path) -> dict:
 
 
 def _device() -> str:
-    import torch  # only here: checking and set-url need no torch
+    """The device the chapters pick (``COMPANION_DEVICE`` respected); imported here only, since
+    checking and set-url need no torch."""
+    from companion import pick_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return pick_device().type
 
 
 def stats_row(chapter: str, nb: nbformat.NotebookNode, seconds: float) -> dict:
@@ -182,11 +184,13 @@ def _chapter_of(row: dict) -> str:
     return row["Chapter"].removeprefix("{doc}`").removesuffix("`")
 
 
+def _parse_stats(text: str) -> dict[str, dict]:
+    return {_chapter_of(r): r for r in csv.DictReader(io.StringIO(text))}
+
+
 def read_stats(path: pathlib.Path = STATS) -> dict[str, dict]:
     """The recorded rows by chapter stem (empty when no file)."""
-    if not path.exists():
-        return {}
-    return {_chapter_of(r): r for r in csv.DictReader(io.StringIO(path.read_text()))}
+    return _parse_stats(path.read_text()) if path.exists() else {}
 
 
 def _format_stats(rows: dict[str, dict]) -> str:
@@ -208,7 +212,7 @@ def record_stats(row: dict, path: pathlib.Path = STATS, book: pathlib.Path = BOO
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         text = f.read()
-        rows = {_chapter_of(r): r for r in csv.DictReader(io.StringIO(text))} if text else {}
+        rows = _parse_stats(text)
         rows[_chapter_of(row)] = row
         rows = {c: r for c, r in rows.items() if c in existing}
         f.seek(0)
