@@ -17,8 +17,8 @@ from .sae import (AmortisationGap, SAETrainResult, VanillaSAE, amortisation_gap,
                   train_sae)
 from .digits import DigitsActivations, digits_activations
 from .lm import LMActivations, lm_activations
-from .interop import (Checkpoint, SAECertificate, certify_sae, checkpoint_lam, load_sae,
-                      save_sae)
+from .interop import (Checkpoint, CheckpointError, CheckpointWarning, LamMismatchError,
+                      SAECertificate, certify_sae, checkpoint_lam, load_sae, save_sae)
 from .matching import AtomMatching, cosine_matrix, match_atoms
 from .absorption import AbsorptionReport, absorption
 from .second_order import (AtomHessian, GroupCurvature, atom_hessian, group_curvature,
@@ -66,6 +66,9 @@ __all__ = [
     "LMActivations",
     "lm_activations",
     "Checkpoint",
+    "CheckpointError",
+    "CheckpointWarning",
+    "LamMismatchError",
     "SAECertificate",
     "certify_sae",
     "checkpoint_lam",
