@@ -128,6 +128,7 @@ def test_main_end_to_end_with_local_stand_ins_for_the_downloads(trained, monkeyp
     assert public.main(["--n-tokens", "150", "--device", "cpu", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert "the ladder on 150 held-out tokens" in out and "ladder holds: True" in out
+    assert public.LAM_CAUTION in out              # λ came from the config, so the caution is printed
     saved = json.loads(out_json.read_text())
     assert saved["n_tokens"] == 150 and saved["ladder"]["sae_loss"] >= saved["ladder"]["huber_bound"]
 

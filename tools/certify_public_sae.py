@@ -50,6 +50,11 @@ HUB = ("huggingface.co", 443)
 CONNECT_TIMEOUT_S = 3.0
 # The fields of a published SAELens config that say which loss it was trained on; they are
 # copied to the top level of the written cfg.json, where companion.load_sae reads them.
+LAM_CAUTION = ("note: λ is read from the published config by companion.load_sae's rules (SAELens' "
+               "l1_coefficient = 2λ for its summed, unhalved squared error). Early SAELens versions "
+               "trained some releases on losses their configs do not record (e.g. a squared error "
+               "divided by the input's norm); for those this certifies the book's loss at that λ, "
+               "not the loss the SAE was trained on. Pass --lam to choose λ.")
 TRAINING_FIELDS = ("l1_coefficient", "lp_norm", "mse_loss_normalization",
                    "scale_sparsity_penalty_by_decoder_norm")
 
@@ -228,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         result = certify_checkpoint(directory, X, lam=args.lam, override=args.override_lam, device=device)
     print(f"{args.release} / {args.sae_id}: {result.certificate.sae_codes.n_atoms} latents, "
           f"d_in = {X.shape[1]}")
+    if args.lam is None:
+        print(LAM_CAUTION)
     print(result.summary())
     if args.json:
         out = {"release": args.release, "sae_id": args.sae_id, **info, "lam_source": result.lam_source,
