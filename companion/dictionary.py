@@ -1,33 +1,52 @@
 """Joint optimisation of a unit-norm dictionary and exact codes (THEORY §2–3; Chapter 2).
 
-:func:`fit_dictionary` minimises
+:func:`fit_dictionary` minimises the value function
 
 .. math::
-    L(D, Z) = \\frac1N\\sum_n \\tfrac12\\|x_n - z_n D\\|^2 + \\lambda\\,\\mathbf 1^\\top z_n,
-    \\qquad \\|d_k\\| = 1,\\ Z \\ge 0,
+    F_b(D) = \\frac1N\\sum_n \\min_{z_n\\ge 0}\\ \\tfrac12\\|x_n - b - z_n D\\|^2 + \\lambda\\,\\mathbf 1^\\top z_n,
+    \\qquad \\|d_k\\| = 1,
 
-by alternating exact codes (:func:`companion.coding.encode`, warm-started) with block
-updates of the atoms. With the codes fixed the best unit atom ``k`` is
+over the product of spheres (and, with ``fit_bias=True``, over an unpenalised decoder bias
+``b``; otherwise ``b = 0``). It runs in two phases.
 
-.. math::
-    d_k \\leftarrow \\frac{\\sum_n z_{kn} e^{(k)}_n}{\\|\\sum_n z_{kn} e^{(k)}_n\\|},
-    \\qquad e^{(k)}_n = x_n - \\sum_{j\\ne k} z_{jn} d_j,
+1. **Block sweeps** while the dictionary is far from stationary. With the codes fixed the
+   best unit atom ``k`` is
 
-the centroid form of T2, so the fixed points of the iteration are exactly the stationary
-points of T1–T2. The sums only need ``A = ZᵀX`` and ``B = ZᵀZ``, so several sweeps over the
-atoms cost far less than one encode. An extrapolation step on ``D`` with a monotone
-safeguard (rejected whenever the loss does not fall) speeds up the slow linear tail.
-While T2 is large the codes are only improved by a few active-set rounds from the previous
-ones (still a descent step: every iterate of the encoder is feasible and lowers the
-objective); once T2 is below ``1e-2`` every encode is exact, so the certificate at the end
-is that of exact codes. Dead atoms are replaced by the new-atom direction of §3 when that
-lowers the loss.
+   .. math::
+       d_k \\leftarrow \\frac{\\sum_n z_{kn} e^{(k)}_n}{\\|\\sum_n z_{kn} e^{(k)}_n\\|},
+       \\qquad e^{(k)}_n = x_n - b - \\sum_{j\\ne k} z_{jn} d_j,
+
+   the centroid form of T2 (the block-coordinate atom update of Mairal et al. 2010), and the
+   best bias is ``b = mean_n (x_n - z_n D)``. The sums only need ``A = ZᵀX`` and ``B = ZᵀZ``,
+   so several sweeps cost far less than one encode. The codes are only improved by a few
+   active-set rounds from the previous ones (a descent step: every iterate of the encoder is
+   feasible and lowers the objective), and an extrapolation step on ``D`` with a monotone
+   safeguard speeds up the linear tail.
+2. **Riemannian L-BFGS** once the T2 violation is below ``1e-2``. The gradient of ``F_b`` is
+   Danskin's (Chapter 2): ``∇_{d_k} F = -(1/N) Σ_n z_kn r_n`` and ``∇_b F = -(1/N) Σ_n r_n``,
+   taken at exact codes from one warm-started encode per evaluation; its projection onto the
+   tangent space of the spheres is the Riemannian gradient. The quasi-Newton direction comes
+   from the two-loop recursion over the last 30 pairs, projected onto the current tangent
+   space, started from the per-atom scaling ``N / (‖z_k‖² + λ‖z_k‖₁)`` (the curvature
+   that makes T2 the scaled gradient, so the first step is the simultaneous centroid step);
+   the step is retracted by normalising the atoms and accepted by an Armijo backtracking
+   line search, so the loss never rises. Block sweeps crawl wherever the landscape is flat
+   (dense data); the quasi-Newton step does not.
+
+Every encode of phase 2 is exact, so the certificate at the end is that of exact codes. Dead
+atoms are replaced by the new-atom direction of §3 when that lowers the loss. On the CPU the
+fit runs on one intra-op thread by default (``n_threads``): its kernels are small, so a
+second thread buys little and, on a busy machine, OpenMP's spin-waiting costs far more than
+the kernels; and one thread makes every reduction's order fixed, so a fit is bitwise
+reproducible whatever the machine's load or torch's thread setting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,15 +56,20 @@ from tqdm import tqdm
 from ._validation import as_tensor, check_dictionary, check_positive, check_positive_int, \
     check_columns
 from .certificates import CertificateReport, _best_new_atom, _certify_tensor
-from .coding import _encode_tensor, default_chunk_size, default_tol
+from .coding import ConvergenceWarning, _encode_tensor, default_chunk_size, default_tol
 from .runtime import generator
 
 __all__ = ["DictionaryFit", "fit_dictionary"]
 
 #: Active-set rounds per encode while the dictionary is far from stationary.
 _PARTIAL_ROUNDS = 3
-#: T2 violation below which every encode is exact.
+#: T2 violation below which every encode is exact and the quasi-Newton phase starts.
 _EXACT_BELOW = 1e-2
+#: Pairs kept by L-BFGS.
+_MEMORY = 30
+#: Armijo constant and the most backtracking steps of one line search.
+_ARMIJO = 1e-4
+_MAX_BACKTRACK = 30
 
 
 @dataclass
@@ -57,11 +81,11 @@ class DictionaryFit:
     D : array (n_atoms, n_features)
         Unit-norm dictionary of the best restart.
     Z : array (n_samples, n_atoms)
-        Its exact codes.
+        Its exact codes (of ``X - bias`` when a bias was fitted).
     loss : float
-        Joint loss of ``(D, Z)``.
+        Joint loss of ``(D, Z)`` (at the fitted centring ``X - bias``).
     certificate : CertificateReport
-        :func:`companion.certificates.certify` of ``(D, Z)``.
+        :func:`companion.certificates.certify` of ``(D, Z)`` (with ``bias`` when fitted).
     history : list[float]
         Loss after every outer iteration of the best restart.
     t2_history : list[float]
@@ -69,11 +93,17 @@ class DictionaryFit:
     restart_losses : list[float]
         Final loss of every restart.
     n_iter : int
-        Outer iterations (encode + dictionary sweeps) of the best restart.
+        Outer iterations (block sweeps or quasi-Newton steps) of the best restart.
     converged : bool
-        Whether the best restart reached ``t2_violation <= tol``.
+        Whether the best restart reached ``t2_violation <= tol`` (and, with a fitted bias,
+        ``‖mean_n r_n‖ <= tol``).
     seconds : float
         Wall time of the whole call.
+    bias : array (n_features,) or None
+        The fitted decoder bias ``b`` (``None`` unless ``fit_bias=True``).
+    message : str
+        How the best restart ended: ``"converged"``, or why it stopped (``max_iter``,
+        ``time_limit``, or a line search that found no decrease) with its T2.
     """
 
     D: Any
@@ -86,26 +116,36 @@ class DictionaryFit:
     n_iter: int
     converged: bool
     seconds: float = 0.0
+    bias: Any = None
+    message: str = "converged"
 
 
-def _t2(A, B, zsum, D, lam):
-    """T2 violation from ``A = ZᵀX``, ``B = ZᵀZ`` and ``zsum = Zᵀ1`` (``Σ_n z_kn r_n = A_k - B_k D``)."""
-    V = A - B @ D
+def _t2(V, Bdiag, zsum, D, lam):
+    """T2 violation from ``V = Σ_n z_kn r_n`` (rows), ``diag(ZᵀZ)`` and ``zsum = Zᵀ1``."""
     proj = (V * D).sum(1)
     tang = (V - proj.unsqueeze(1) * D).norm(dim=1)
-    zsum_scale = B.diagonal() + lam * zsum
+    scale = Bdiag + lam * zsum
     used = zsum > 0
-    t = torch.where(used, tang / zsum_scale.clamp(min=torch.finfo(D.dtype).tiny), torch.zeros_like(tang))
+    t = torch.where(used, tang / scale.clamp(min=torch.finfo(D.dtype).tiny), torch.zeros_like(tang))
     return float(t.max()) if t.numel() else 0.0
 
 
-def _sweeps(A, B, D, n_sweeps):
-    """Block-coordinate sweeps ``d_k ← normalise(A_k - Σ_{j≠k} B_kj d_j)`` (in place)."""
+def _sweeps(A, B, D, n_sweeps, bias=None):
+    """Block-coordinate sweeps ``d_k ← normalise(A_k - Σ_{j≠k} B_kj d_j)`` (in place).
+
+    With ``bias = (b, xbar, zbar)`` the bias is updated after every sweep to its best value
+    ``b = xbar - zbarᵀD`` given the codes, and ``A = ZᵀX - zsum bᵀ`` follows it.
+    """
     # On the CPU the same steps run on NumPy views of the tensors: a fraction of torch's
     # per-call cost for these small vectors.
-    a, b, dn = (A.numpy(), B.numpy(), D.numpy()) if D.device.type == "cpu" else (A, B, D)
+    cpu = D.device.type == "cpu"
+    a, b, dn = (A.numpy(), B.numpy(), D.numpy()) if cpu else (A, B, D)
     diag = b.diagonal().tolist()
     active = [j for j, v in enumerate(diag) if v > 0]
+    if bias is not None:
+        bb, xbar, zsum, n = bias
+        bn, xb, zs = (bb.numpy(), xbar.numpy(), zsum.numpy()) if cpu else (bb, xbar, zsum)
+        a0 = a + zs[:, None] * bn[None, :]            # ZᵀX, from A = Zᵀ(X - b)
     for _ in range(n_sweeps):
         for j in active:
             v = a[j] - b[j] @ dn
@@ -113,12 +153,29 @@ def _sweeps(A, B, D, n_sweeps):
             nv = math.sqrt(float(v @ v))
             if nv > 0:
                 dn[j] = v / nv
+        if bias is not None:
+            bn[:] = xb - (zs @ dn) / n
+            a[:] = a0 - zs[:, None] * bn[None, :]
     return D
 
 
 def _loss(X, D, Z, lam):
     R = X - Z @ D
     return float((0.5 * (R * R).sum(1) + lam * Z.sum(1)).mean()), R
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n_threads, device):
+    """Run the block with ``n_threads`` CPU intra-op threads (``None``: leave torch's setting)."""
+    before = torch.get_num_threads()
+    if n_threads is None or device.type != "cpu" or n_threads == before:
+        yield
+        return
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fit_dictionary(
@@ -138,17 +195,23 @@ def fit_dictionary(
     chunk_size: int | None = None,
     time_limit: float | None = None,
     callback: Any = None,
+    fit_bias: bool = False,
+    init_bias: Any = None,
+    method: str = "lbfgs",
+    n_threads: int | None = 1,
 ) -> DictionaryFit:
     r"""Learn a unit-norm dictionary to a certified stationary point of the joint loss (Chapter 2).
 
-    Minimises :math:`L(D,Z)=\frac1N\sum_n\tfrac12\|x_n-z_nD\|^2+\lambda\mathbf 1^\top z_n` over
-    unit-norm rows of ``D`` and ``Z ≥ 0`` by alternating exact codes (T1) with
+    Minimises :math:`F_b(D)=\frac1N\sum_n\min_{z_n\ge0}\tfrac12\|x_n-b-z_nD\|^2+\lambda\mathbf 1^\top z_n`
+    over unit-norm rows of ``D`` (and, with ``fit_bias``, an unpenalised bias ``b``; else
+    ``b = 0``) until the T2 violation
+    :math:`\max_k\|(I-d_kd_k^\top)\sum_n z_{kn}r_n\|/(\|z_k\|_2^2+\lambda\|z_k\|_1)` is at most
+    ``tol`` (and, with a bias, :math:`\|\frac1N\sum_n r_n\|\le` ``tol``, its stationarity
+    condition, Chapter 1) at exact codes (T1). While that violation exceeds ``1e-2``,
     ``n_sweeps`` block sweeps :math:`d_k\leftarrow\mathrm{normalise}(\sum_n z_{kn}e_n^{(k)})`
-    (T2 in centroid form), until the T2 violation
-    :math:`\max_k\|(I-d_kd_k^\top)\sum_n z_{kn}r_n\|/(\|z_k\|_2^2+\lambda\|z_k\|_1)` is at most ``tol``.
-    While that violation exceeds ``1e-2`` the codes are improved by three active-set rounds
-    from the previous ones instead of being solved exactly (a cheaper descent step); from
-    then on, and for the certificate, they are exact.
+    (T2 in centroid form) alternate with three active-set rounds of the codes; then
+    Riemannian L-BFGS on the spheres takes over, each evaluation one warm-started exact
+    encode and Danskin's gradient (see the module docstring). The loss never increases.
 
     Parameters
     ----------
@@ -160,12 +223,13 @@ def fit_dictionary(
         Independent initialisations (seeds ``seed, seed+1, ...``); the lowest loss wins.
         Ignored (one run) when ``init`` is an array.
     max_iter : int
-        Outer iterations per restart.
+        Outer iterations per restart (block sweeps and quasi-Newton steps together).
     tol : float
         Target T2 violation (the codes are exact, so T1 holds to the encode tolerance).
     init : "data", "random" or array (n_atoms, n_features)
-        ``"data"``: distinct random rows of ``X``, normalised; ``"random"``: Gaussian
-        directions; an array: the initial dictionary ``D0`` (rows are normalised).
+        ``"data"``: distinct random rows of ``X`` (centred by the initial bias when one is
+        fitted), normalised; ``"random"``: Gaussian directions; an array: the initial
+        dictionary ``D0`` (rows are normalised).
     seed : int
         Seed of the initialisation (a CPU ``torch.Generator``, so CPU and GPU agree).
     resample_dead : bool
@@ -173,20 +237,41 @@ def fit_dictionary(
     progress : bool
         tqdm bar over iterations (stderr; honours ``TQDM_DISABLE``).
     n_sweeps : int
-        Atom sweeps per encode.
+        Atom sweeps per encode in the block-sweep phase.
     extrapolate : bool
-        Try ``D + β(D - D_prev)`` (normalised) and keep it only when the loss falls (tested
-        first with the previous codes, so a rejected step costs no encode).
+        In the block-sweep phase, try ``D + β(D - D_prev)`` (normalised) and keep it only
+        when the loss falls (tested first with the previous codes, so a rejected step costs
+        no encode).
     chunk_size : int, optional
         Rows per chunk for encode/certify.
     time_limit : float, optional
         Stop a restart after this many seconds.
     callback : callable, optional
         Called as ``callback(iteration, loss, t2)`` after every outer iteration.
+    fit_bias : bool
+        Fit the decoder bias ``b`` jointly (an unpenalised signed atom; its stationarity
+        condition is :math:`\sum_n r_n = 0`, :math:`r_n = x_n - b - z_nD`).
+    init_bias : array (n_features,), optional
+        Starting bias when ``fit_bias`` (default: the data mean).
+    method : "lbfgs" or "sweeps"
+        ``"lbfgs"``: block sweeps, then Riemannian L-BFGS below T2 = ``1e-2`` (the default);
+        ``"sweeps"``: block sweeps with exact codes to the end (the alternating
+        minimisation of earlier versions).
+    n_threads : int or None
+        CPU intra-op threads during the fit (restored afterwards). The default, one, makes
+        the fit's arithmetic independent of the machine's load and of torch's thread
+        setting (bitwise reproducible) and avoids OpenMP spin-waiting on busy machines;
+        ``None`` keeps torch's setting.
 
     Returns
     -------
     DictionaryFit
+
+    Warns
+    -----
+    ConvergenceWarning
+        When the best restart stops (``max_iter``, ``time_limit``, or no decrease found) with
+        T2 (or the bias stationarity) above ``tol``; ``DictionaryFit.message`` says why.
     """
     t_start = time.perf_counter()
     lam = check_positive(lam, "lam")
@@ -196,9 +281,23 @@ def fit_dictionary(
     max_iter = check_positive_int(max_iter, "max_iter")
     n_sweeps = check_positive_int(n_sweeps, "n_sweeps")
     tol = check_positive(tol, "tol")
+    if method not in ("lbfgs", "sweeps"):
+        raise ValueError(f"method must be 'lbfgs' or 'sweeps', got {method!r}")
+    if n_threads is not None:
+        n_threads = check_positive_int(n_threads, "n_threads")
     n, d = Xt.shape
     if n == 0:
         raise ValueError("X must have at least one row (sample)")
+    b0 = None
+    if fit_bias:
+        if init_bias is None:
+            b0 = Xt.mean(0)
+        else:
+            b0, _ = as_tensor(init_bias, "init_bias", ndim=1, like=Xt)
+            if b0.shape[0] != d:
+                raise ValueError(f"init_bias has {b0.shape[0]} entries but X has {d} columns")
+    elif init_bias is not None:
+        raise ValueError("init_bias is given but fit_bias=False; pass fit_bias=True to fit a bias")
     D0 = None
     if isinstance(init, str):
         if init not in ("data", "random"):
@@ -217,7 +316,10 @@ def fit_dictionary(
     etol = default_tol(Xt)
     best = None
     restart_losses = []
-    with torch.no_grad():
+    opts = dict(lam=lam, tol=tol, max_iter=max_iter, n_sweeps=n_sweeps, etol=etol,
+                chunk_size=chunk_size, resample_dead=resample_dead, extrapolate=extrapolate,
+                progress=progress, time_limit=time_limit, callback=callback, method=method)
+    with torch.no_grad(), _intra_op_threads(n_threads, Xt.device):
         for r in range(n_restarts):
             if D0 is not None:
                 D = D0 / D0.norm(dim=1, keepdim=True)
@@ -225,118 +327,305 @@ def fit_dictionary(
                 g = generator(seed + r)
                 if init == "data":
                     rows = torch.randperm(n, generator=g)[:n_atoms].to(Xt.device)
-                    D = Xt[rows].clone()
+                    D = Xt[rows].clone() if b0 is None else Xt[rows] - b0
                     small = D.norm(dim=1) <= 1e-12
                     if bool(small.any()):
                         D[small] = torch.randn(int(small.sum()), d, generator=g, dtype=Xt.dtype).to(Xt.device)
                 else:
                     D = torch.randn(n_atoms, d, generator=g, dtype=Xt.dtype).to(Xt.device)
                 D = D / D.norm(dim=1, keepdim=True)
-            res = _fit_one(Xt, D, lam, tol, max_iter, n_sweeps, etol, chunk_size, resample_dead,
-                           extrapolate, progress, time_limit, callback, r, n_restarts)
-            restart_losses.append(res[2])
-            if best is None or res[2] < best[2]:
+            res = _Fit(Xt, D, None if b0 is None else b0.clone(), label=f"{r + 1}/{n_restarts}",
+                       **opts).run()
+            restart_losses.append(res.loss)
+            if best is None or res.loss < best.loss:
                 best = res
-        D, Z, loss, hist, t2h, n_iter, conv = best
-        cert = _certify_tensor(Xt, D, lam, Z, kind, chunk_size, 0.0, False, 8192, None, 200, 2, 5000)
-    return DictionaryFit(D=kind.out(D), Z=kind.out(Z), loss=loss, certificate=cert, history=hist,
-                         t2_history=t2h, restart_losses=restart_losses, n_iter=n_iter,
-                         converged=conv, seconds=time.perf_counter() - t_start)
+        kw = {} if best.b is None else {"bias": best.b}
+        cert = _certify_tensor(Xt, best.D, lam, best.Z, kind, chunk_size, 0.0, False, 8192, None,
+                               200, 2, 5000, **kw)
+    if not best.converged:
+        warnings.warn(f"fit_dictionary did not reach tol={tol:g}: {best.message}",
+                      ConvergenceWarning, stacklevel=2)
+    return DictionaryFit(D=kind.out(best.D), Z=kind.out(best.Z), loss=best.loss, certificate=cert,
+                         history=best.hist, t2_history=best.t2h, restart_losses=restart_losses,
+                         n_iter=best.n_iter, converged=best.converged,
+                         seconds=time.perf_counter() - t_start,
+                         bias=None if best.b is None else kind.out(best.b), message=best.message)
 
 
-def _fit_one(X, D, lam, tol, max_iter, n_sweeps, etol, chunk_size, resample_dead, extrapolate,
-             progress, time_limit, callback, r, n_restarts):
-    t0 = time.perf_counter()
-    # While the dictionary is far from stationary the codes need not be exact: a few
-    # active-set rounds from the previous codes still lower the joint loss (every
-    # iterate of the encoder is feasible and its objective never increases), and the
-    # dictionary moves too much for exact codes to be worth their price. Codes are made
-    # exact once T2 falls below ``_EXACT_BELOW``; convergence is declared on exact codes.
-    exact = False
+class _Fit:
+    """One restart: block sweeps, then Riemannian L-BFGS (see the module docstring)."""
 
-    def enc(D_, Z_):
-        if exact:
-            return _encode_tensor(X, D_, lam, etol, 200, chunk_size, Z_, False, 2, 5000)[0]
-        return _encode_tensor(X, D_, lam, etol, _PARTIAL_ROUNDS, chunk_size, Z_, False, 2, 0)[0]
+    def __init__(self, X, D, b, *, lam, tol, max_iter, n_sweeps, etol, chunk_size, resample_dead,
+                 extrapolate, progress, time_limit, callback, method, label):
+        self.X, self.D, self.b = X, D, b
+        self.lam, self.tol, self.max_iter, self.n_sweeps = lam, tol, max_iter, n_sweeps
+        self.etol, self.chunk_size = etol, chunk_size
+        self.resample_dead, self.extrapolate = resample_dead, extrapolate
+        self.time_limit, self.callback, self.method = time_limit, callback, method
+        self.bar = tqdm(total=max_iter, disable=not progress, desc=f"fit_dictionary {label}",
+                        leave=False)
+        self.progress = progress
+        self.n = X.shape[0]
+        self.xbar = X.mean(0) if b is not None else None
+        self.exact = False
+        self.hist, self.t2h = [], []
+        self.it = 0
+        self.converged = False
+        self.message = ""
+        self.t0 = time.perf_counter()
 
-    Z = enc(D, None)
-    loss, R = _loss(X, D, Z, lam)
-    hist, t2h = [loss], []
-    beta = 1.0
-    converged = False
-    bar = tqdm(range(max_iter), disable=not progress, desc=f"fit_dictionary {r + 1}/{n_restarts}",
-               leave=False)
-    it = 0
-    for it in bar:
-        A = Z.T @ X
-        B = Z.T @ Z
-        zsum = Z.sum(0)
-        t2 = _t2(A, B, zsum, D, lam)
-        if not exact and t2 <= max(_EXACT_BELOW, tol):
-            exact = True
-            Z = enc(D, Z)
-            loss, R = _loss(X, D, Z, lam)
-            A, B, zsum = Z.T @ X, Z.T @ Z, Z.sum(0)
-            t2 = _t2(A, B, zsum, D, lam)
-        t2h.append(t2)
-        if callback is not None:
-            callback(it, loss, t2)
-        if progress:
-            bar.set_postfix(loss=f"{loss:.6e}", t2=f"{t2:.1e}")
-        if t2 <= tol:
-            dead = zsum <= 0
-            if not (resample_dead and bool(dead.any())):
-                converged = True
-                break
-        if time_limit is not None and time.perf_counter() - t0 > time_limit:
-            break
-        # dead atoms: replace one by the §3 new-atom direction when it helps
-        if resample_dead:
-            dead = torch.nonzero(zsum <= 0).flatten()
-            if dead.numel():
-                norms = R.norm(dim=1)
-                pool = R[norms > lam]
-                if pool.shape[0] > 8192:
-                    pool = pool[norms[norms > lam].topk(8192).indices]
-                u, gain, excess = _best_new_atom(pool, lam, X.shape[0])
-                if gain > 0 and excess > 0:
-                    D = D.clone()
-                    D[int(dead[0])] = u
-                    Z = enc(D, Z)
-                    loss, R = _loss(X, D, Z, lam)
-                    hist.append(loss)
-                    continue
-                elif t2 <= tol:
-                    converged = True
-                    break
-        D_new = _sweeps(A, B, D.clone(), n_sweeps)
-        accepted = False
-        if extrapolate:
-            # over-relax along the sweep step; keep it only if the loss falls below the
-            # current one (monotone safeguard), else take the plain step. The test is
-            # first made with the old codes, which costs no encode: re-encoding can only
-            # lower that loss, so a step that passes it is kept.
-            D_try = D_new + beta * (D_new - D)
-            D_try = D_try / D_try.norm(dim=1, keepdim=True).clamp(min=1e-300)
-            if _loss(X, D_try, Z, lam)[0] >= loss:
+    # -- pieces ----------------------------------------------------------------------------
+    def centred(self, b=None):
+        b = self.b if b is None else b
+        return self.X if b is None else self.X - b
+
+    def enc(self, Xc, D, Z):
+        """Codes of ``Xc``: exact once ``self.exact``, else three active-set rounds from ``Z``."""
+        if self.exact:
+            return _encode_tensor(Xc, D, self.lam, self.etol, 200, self.chunk_size, Z, False, 2,
+                                  5000)[0]
+        return _encode_tensor(Xc, D, self.lam, self.etol, _PARTIAL_ROUNDS, self.chunk_size, Z,
+                              False, 2, 0)[0]
+
+    def bias_violation(self, R):
+        return 0.0 if self.b is None else float(R.mean(0).norm())
+
+    def record(self, t2, bias_v):
+        """Log one outer iteration; ``"stationary"`` at a stationary point (exact codes),
+        True when a limit stops the restart, else False."""
+        self.t2h.append(t2)
+        self.hist.append(self.loss)
+        if self.callback is not None:
+            self.callback(self.it, self.loss, t2)
+        if self.progress:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{self.loss:.6e}", t2=f"{t2:.1e}")
+        self.it += 1
+        if self.exact and t2 <= self.tol and bias_v <= self.tol:
+            return "stationary"
+        if self.it >= self.max_iter:
+            self.message = f"stopped at max_iter={self.max_iter}"
+            return True
+        if self.time_limit is not None and time.perf_counter() - self.t0 > self.time_limit:
+            self.message = f"stopped at time_limit={self.time_limit:g} s"
+            return True
+        return False
+
+    def try_new_atom(self, R):
+        """Replace one dead atom by the §3 new-atom direction when that lowers the loss."""
+        dead = torch.nonzero(self.zsum <= 0).flatten()
+        if not (self.resample_dead and dead.numel()):
+            return False
+        norms = R.norm(dim=1)
+        pool = R[norms > self.lam]
+        if pool.shape[0] > 8192:
+            pool = pool[norms[norms > self.lam].topk(8192).indices]
+        u, gain, excess = _best_new_atom(pool, self.lam, self.n)
+        if not (gain > 0 and excess > 0):
+            return False
+        self.D = self.D.clone()
+        self.D[int(dead[0])] = u
+        return True
+
+    def set_codes(self, Z):
+        self.Z = Z
+        self.loss, R = _loss(self.centred(), self.D, Z, self.lam)
+        self.zsum = Z.sum(0)
+        return R
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self):
+        R = self.set_codes(self.enc(self.centred(), self.D, None))
+        stop = self.sweep_phase(R)
+        if not stop and self.method == "lbfgs":
+            self.lbfgs_phase()
+        self.bar.close()
+        if not self.exact:                  # stopped early (max_iter, time_limit): exact codes
+            self.exact = True
+            self.set_codes(self.enc(self.centred(), self.D, self.Z))
+        if self.converged:
+            self.message = "converged"
+        else:
+            Xc = self.centred()
+            R = Xc - self.Z @ self.D
+            t2 = _t2(self.Z.T @ R, (self.Z * self.Z).sum(0), self.zsum, self.D, self.lam)
+            bv = self.bias_violation(R)
+            self.message += f" with T2 = {t2:.3g}" + (f", |mean r| = {bv:.3g}" if self.b is not None
+                                                     else "") + f" (tol {self.tol:g})"
+        self.n_iter = self.it
+        return self
+
+    def sweep_phase(self, R):
+        """Block sweeps until T2 <= 1e-2 (``method='lbfgs'``) or to the end; True: stop."""
+        X, lam = self.X, self.lam
+        beta = 1.0
+        while True:
+            Xc = self.centred()
+            Z = self.Z
+            A, B = Z.T @ Xc, Z.T @ Z
+            t2 = _t2(A - B @ self.D, B.diagonal(), self.zsum, self.D, lam)
+            bias_v = self.bias_violation(R)
+            if not self.exact and t2 <= max(_EXACT_BELOW, self.tol):
+                self.exact = True
+                R = self.set_codes(self.enc(Xc, self.D, Z))
+                if self.method == "lbfgs":
+                    return False
+                Z = self.Z
+                A, B = Z.T @ Xc, Z.T @ Z
+                t2 = _t2(A - B @ self.D, B.diagonal(), self.zsum, self.D, lam)
+                bias_v = self.bias_violation(R)
+            state = self.record(t2, bias_v)
+            if state is True:
+                return True
+            if self.try_new_atom(R):
+                R = self.set_codes(self.enc(self.centred(), self.D, self.Z))
+                continue
+            if state:
+                self.converged = True
+                return True
+            D, b = self.D, self.b
+            bias = None if b is None else (b.clone(), self.xbar, self.zsum, float(self.n))
+            D_new = _sweeps(A, B, D.clone(), self.n_sweeps, bias)
+            b_new = None if b is None else bias[0]
+            Xn = X if b_new is None else X - b_new
+            accepted = False
+            if self.extrapolate:
+                # over-relax along the sweep step; keep it only if the loss falls below the
+                # current one (monotone safeguard), else take the plain step. The test is
+                # first made with the old codes, which costs no encode: re-encoding can only
+                # lower that loss, so a step that passes it is kept.
+                D_try = D_new + beta * (D_new - D)
+                D_try = D_try / D_try.norm(dim=1, keepdim=True).clamp(min=1e-300)
                 loss_try = math.inf
-            else:
-                Z_try = enc(D_try, Z)
-                loss_try, R_try = _loss(X, D_try, Z_try, lam)
-            if loss_try < loss:
-                D, Z, loss, R = D_try, Z_try, loss_try, R_try
-                beta = min(beta * 1.5, 20.0)
-                accepted = True
-            else:
-                beta = max(beta / 4, 0.25)
-        if not accepted:
-            Z = enc(D_new, Z)
-            D = D_new
-            loss, R = _loss(X, D, Z, lam)
-        hist.append(loss)
-    bar.close()
-    if not exact:                       # stopped early (max_iter, time_limit): exact codes
-        exact = True
-        Z = enc(D, Z)
-        loss, _ = _loss(X, D, Z, lam)
-    return D, Z, loss, hist, t2h, it + 1, converged
+                if _loss(Xn, D_try, Z, lam)[0] < self.loss:
+                    Z_try = self.enc(Xn, D_try, Z)
+                    loss_try, R_try = _loss(Xn, D_try, Z_try, lam)
+                if loss_try < self.loss:
+                    self.D, self.b = D_try, b_new
+                    R = self.set_codes(Z_try)
+                    beta = min(beta * 1.5, 20.0)
+                    accepted = True
+                else:
+                    beta = max(beta / 4, 0.25)
+            if not accepted:
+                self.D, self.b = D_new, b_new
+                R = self.set_codes(self.enc(Xn, D_new, Z))
+
+    # -- Riemannian L-BFGS -----------------------------------------------------------------
+    def evaluate(self, D, b, Z):
+        """Exact warm codes at ``(D, b)``: (Z, loss, R, gradient rows, per-row scaling)."""
+        Xc = self.X if b is None else self.X - b
+        Z = self.enc(Xc, D, Z)
+        loss, R = _loss(Xc, D, Z, self.lam)
+        V = Z.T @ R                                      # Σ_n z_kn r_n = -N ∇_{d_k} F
+        zsum = Z.sum(0)
+        scale = (Z * Z).sum(0) + self.lam * zsum         # ‖z_k‖² + λ‖z_k‖₁
+        G = -V / self.n
+        M = scale / self.n                               # per-atom curvature scale
+        if b is not None:
+            G = torch.cat([G, -R.mean(0, keepdim=True)])
+            M = torch.cat([M, M.new_ones(1)])
+        return Z, loss, R, G, M, zsum, V, scale
+
+    def tangent(self, D, U):
+        """Project the atom rows of ``U`` onto the tangent spaces of the spheres at ``D``."""
+        K = D.shape[0]
+        P = U.clone()
+        P[:K] -= (U[:K] * D).sum(1, keepdim=True) * D
+        return P
+
+    def retract(self, D, b, P, alpha):
+        K = D.shape[0]
+        Dn = D + alpha * P[:K]
+        Dn = Dn / Dn.norm(dim=1, keepdim=True).clamp(min=1e-300)
+        bn = None if b is None else b + alpha * P[K]
+        return Dn, bn
+
+    def lbfgs_phase(self):
+        D, b = self.D, self.b
+        Z, loss, R, G, M, zsum, V, scale = self.evaluate(D, b, self.Z)
+        self.Z, self.loss, self.zsum = Z, loss, zsum
+        g = self.tangent(D, G)
+        pairs = []                                       # (s, y, 1/(sᵀy))
+        while True:
+            t2 = _t2(V, (Z * Z).sum(0), zsum, D, self.lam)
+            bias_v = self.bias_violation(R)
+            state = self.record(t2, bias_v)
+            if state is True:
+                return
+            if self.try_new_atom(R):
+                D = self.D
+                Z, loss, R, G, M, zsum, V, scale = self.evaluate(D, b, Z)
+                self.Z, self.loss, self.zsum = Z, loss, zsum
+                g = self.tangent(D, G)
+                pairs = []
+                continue
+            if state:
+                self.converged = True
+                return
+            inv = torch.where(M > 0, 1.0 / M.clamp(min=torch.finfo(M.dtype).tiny),
+                              torch.zeros_like(M)).unsqueeze(1)
+            # the stored pairs live in earlier tangent spaces; rather than carrying each of
+            # them to this one, the direction they give is projected onto it
+            p = self.tangent(D, self.direction(g, pairs, inv))
+            slope = float((p * g).sum())
+            if not slope < 0:                            # not a descent direction: restart
+                pairs = []
+                p = -inv * g
+                slope = float((p * g).sum())
+            step = self.line_search(D, b, Z, loss, p, slope)
+            if step is None and pairs:                   # retry along the scaled gradient
+                pairs = []
+                p = -inv * g
+                slope = float((p * g).sum())
+                step = self.line_search(D, b, Z, loss, p, slope)
+            if step is None:
+                self.message = "stopped: the line search found no decrease (numerical floor)"
+                self.D, self.b = D, b
+                return
+            alpha, Dn, bn, (Zn, loss_n, Rn, Gn, Mn, zsumn, Vn, scalen) = step
+            gn = self.tangent(Dn, Gn)
+            s = self.tangent(Dn, alpha * p)
+            y = gn - self.tangent(Dn, g)
+            sy = float((s * y).sum())
+            if sy > 1e-12 * float(s.norm()) * float(y.norm()):
+                pairs.append((s, y, 1.0 / sy))
+                pairs = pairs[-_MEMORY:]
+            D, b, Z, loss, R, G, M, zsum, V, scale, g = Dn, bn, Zn, loss_n, Rn, Gn, Mn, zsumn, Vn, \
+                scalen, gn
+            self.D, self.b, self.Z, self.loss, self.zsum = D, b, Z, loss, zsum
+
+    @staticmethod
+    def direction(g, pairs, inv):
+        """Two-loop recursion: ``-H g`` with ``H₀ = γ diag(inv)`` (per-atom scaling)."""
+        q = g.clone()
+        alphas = []
+        for s, y, rho in reversed(pairs):
+            a = rho * float((s * q).sum())
+            alphas.append(a)
+            q -= a * y
+        if pairs:
+            s, y, rho = pairs[-1]
+            gamma = float((s * y).sum()) / max(float((y * inv * y).sum()), 1e-300)
+        else:
+            gamma = 1.0
+        r = gamma * inv * q
+        for (s, y, rho), a in zip(pairs, reversed(alphas)):
+            bcoef = rho * float((y * r).sum())
+            r += (a - bcoef) * s
+        return -r
+
+    def line_search(self, D, b, Z, loss, p, slope):
+        """Armijo backtracking from a unit step; ``None`` when no decrease is found."""
+        alpha = 1.0
+        for _ in range(_MAX_BACKTRACK):
+            Dn, bn = self.retract(D, b, p, alpha)
+            out = self.evaluate(Dn, bn, Z)
+            loss_n = out[1]
+            if loss_n <= loss + _ARMIJO * alpha * slope and loss_n < loss:
+                return alpha, Dn, bn, out
+            # quadratic interpolation of the loss along the step, kept in [0.1, 0.5] α
+            denom = 2 * (loss_n - loss - alpha * slope)
+            a_new = -slope * alpha * alpha / denom if denom > 0 else 0.5 * alpha
+            alpha = min(max(a_new, 0.1 * alpha), 0.5 * alpha)
+        return None

@@ -1,10 +1,12 @@
 """Tests for companion.dictionary.fit_dictionary (Chapter 2: T1–T2 at the learned optimum)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from companion import huber_bound, joint_loss
+from companion import ConvergenceWarning, encode, huber_bound, joint_loss
 from companion.certificates import certify
 from companion.dictionary import DictionaryFit, fit_dictionary
 
@@ -55,7 +57,9 @@ def test_codes_are_exact_even_when_stopped_early():
     still returns exact codes for its dictionary, and its loss is theirs."""
     X, _ = make_problem(300, 8, 16, 5, s=3)
     for kwargs in ({"max_iter": 2}, {"tol": 0.5}):
-        fit = fit_dictionary(X, 16, 0.05, n_restarts=1, progress=False, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)     # max_iter=2 warns
+            fit = fit_dictionary(X, 16, 0.05, n_restarts=1, progress=False, **kwargs)
         assert fit.certificate.t1_violation <= 1e-6
         assert abs(joint_loss(X, fit.D, fit.Z, 0.05) - fit.loss) <= 1e-12
         assert abs(certify(X, fit.D, 0.05).loss - fit.loss) <= 1e-9
@@ -93,3 +97,100 @@ def test_input_errors():
         fit_dictionary(X, 4, 0.1, init=np.ones((3, 5)), progress=False)
     with pytest.raises(ValueError, match="n_atoms"):
         fit_dictionary(X, 40, 0.1, progress=False)
+
+
+def test_quasi_newton_matches_block_sweeps_and_a_danskin_check():
+    """The L-BFGS phase and the plain alternating minimisation (a different algorithm) reach
+    certified stationary points from the same start; forward finite differences of the value
+    function F along a tangent direction agree with the Danskin gradient at the result."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((300, 6)) * np.array([1.0, 0.8, 0.6, 0.5, 0.4, 0.3])
+    qn = fit_dictionary(X, 8, 0.3, n_restarts=1, progress=False)
+    sw = fit_dictionary(X, 8, 0.3, n_restarts=1, progress=False, method="sweeps", max_iter=20000)
+    assert qn.converged and sw.converged and qn.message == "converged"
+    assert qn.certificate.t2_violation <= 1e-6 and sw.certificate.t2_violation <= 1e-6
+    assert qn.n_iter < sw.n_iter
+    # the loss never rises (Armijo line search; safeguarded sweeps before it)
+    assert np.all(np.diff(np.array(qn.history)) <= 1e-12)
+    # forward differences of F(normalise(D + h U)) against <grad, U> at a non-stationary D
+    D = qn.D + 0.05 * rng.standard_normal(qn.D.shape)
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    U = rng.standard_normal(D.shape)
+    U -= (U * D).sum(1, keepdims=True) * D
+    F0 = certify(X, D, 0.3).loss
+    Z = encode(X, D, 0.3)
+    G = -(Z.T @ (X - Z @ D)) / X.shape[0]
+    h = 1e-6
+    Dh = D + h * U
+    Dh /= np.linalg.norm(Dh, axis=1, keepdims=True)
+    fd = (certify(X, Dh, 0.3).loss - F0) / h
+    assert abs(fd - (G * U).sum()) <= 1e-4 * max(1.0, abs(fd))
+
+
+def test_fit_bias_is_stationary_and_beats_fixed_centrings():
+    """With fit_bias the mean residual vanishes, and a generic optimiser over b at the fitted
+    dictionary (BFGS on finite-difference gradients of F_b, an independent method) finds no
+    lower loss; the data mean and b = 0 are worse."""
+    import scipy.optimize
+    from companion import nonneg_lasso_value
+    X, _ = make_problem(200, 5, 6, 11, s=2)
+    X = X + np.array([2.0, -1.0, 0.5, 0.0, 1.5])
+    fit = fit_dictionary(X, 6, 0.2, n_restarts=1, progress=False, fit_bias=True)
+    assert fit.converged and isinstance(fit.bias, np.ndarray) and fit.bias.shape == (5,)
+    R = X - fit.bias - fit.Z @ fit.D
+    assert np.linalg.norm(R.mean(0)) <= 1e-6
+    assert abs(joint_loss(X - fit.bias, fit.D, fit.Z, 0.2) - fit.loss) <= 1e-12
+
+    def F(b):
+        return nonneg_lasso_value(X - b, fit.D, 0.2)
+    assert fit.loss <= F(X.mean(0)) + 1e-12 and fit.loss < F(np.zeros(5))
+    opt = scipy.optimize.minimize(F, X.mean(0), method="BFGS", options={"gtol": 1e-9})
+    assert opt.fun >= fit.loss - 1e-9
+    np.testing.assert_allclose(opt.x, fit.bias, atol=1e-4)
+    # a fixed centring (b = 0, the default) gives no bias and a higher loss
+    plain = fit_dictionary(X, 6, 0.2, n_restarts=1, progress=False)
+    assert plain.bias is None and plain.loss > fit.loss
+
+
+def test_unconverged_fit_warns_and_says_so():
+    X, _ = make_problem(300, 8, 16, 5, s=3)
+    with pytest.warns(ConvergenceWarning, match="max_iter=3"):
+        fit = fit_dictionary(X, 16, 0.05, n_restarts=1, progress=False, max_iter=3)
+    assert not fit.converged and "max_iter=3" in fit.message and "T2 =" in fit.message
+    with pytest.warns(ConvergenceWarning, match="time_limit"):
+        fit = fit_dictionary(X, 16, 0.05, n_restarts=1, progress=False, time_limit=1e-9)
+    assert not fit.converged and "time_limit" in fit.message
+
+
+def test_fits_are_bitwise_reproducible_across_thread_counts():
+    """The same fit on one and on two intra-op threads, with the fit's default one-thread
+    policy and with torch's setting left alone, gives the same bits (n·d is above torch's
+    parallel grain, so the reductions would be split where a kernel splits them)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2112, 16, generator=g, dtype=torch.float64) + 0.3
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for n_threads in (1, None):
+                with pytest.warns(ConvergenceWarning):
+                    f = fit_dictionary(X, 24, 0.2, n_restarts=1, progress=False, max_iter=4,
+                                       fit_bias=True, n_threads=n_threads)
+                out.append((f.D.numpy().tobytes(), f.bias.numpy().tobytes(), f.loss, f.history))
+            assert torch.get_num_threads() == threads         # the setting is restored
+    finally:
+        torch.set_num_threads(before)
+    assert all(o == out[0] for o in out[1:])
+
+
+def test_new_argument_errors():
+    X, _ = make_problem(20, 5, 5, 4)
+    with pytest.raises(ValueError, match="method"):
+        fit_dictionary(X, 4, 0.1, method="newton", progress=False)
+    with pytest.raises(ValueError, match="init_bias"):
+        fit_dictionary(X, 4, 0.1, init_bias=np.zeros(5), progress=False)
+    with pytest.raises(ValueError, match="init_bias"):
+        fit_dictionary(X, 4, 0.1, fit_bias=True, init_bias=np.zeros(4), progress=False)
+    with pytest.raises(ValueError, match="n_threads"):
+        fit_dictionary(X, 4, 0.1, n_threads=0, progress=False)
