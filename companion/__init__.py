@@ -20,7 +20,8 @@ from .lm import LMActivations, lm_activations
 from .interop import (Checkpoint, CheckpointError, CheckpointWarning, LamMismatchError,
                       SAECertificate, certify_sae, checkpoint_lam, load_sae, save_sae)
 from .matching import AtomMatching, cosine_matrix, match_atoms
-from .absorption import AbsorptionReport, absorption
+from .absorption import (AbsorptionReport, ConceptProbe, KSparseProbing, SAEBenchAbsorption,
+                         absorption, concept_probe, k_sparse_probing, saebench_absorption)
 from .second_order import (AtomHessian, GroupCurvature, atom_hessian, group_curvature,
                            new_atom_bound, rotate_atom, split_atom, split_rate)
 from .hierarchy import (ConceptTree, ParentChildData, PartialAbsorptionPrediction,
@@ -79,6 +80,12 @@ __all__ = [
     "match_atoms",
     "AbsorptionReport",
     "absorption",
+    "ConceptProbe",
+    "KSparseProbing",
+    "SAEBenchAbsorption",
+    "concept_probe",
+    "k_sparse_probing",
+    "saebench_absorption",
     "ConceptTree",
     "ParentChildData",
     "PartialAbsorptionPrediction",
