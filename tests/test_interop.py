@@ -303,3 +303,45 @@ def test_save_rejects_bad_arguments(tmp_path):
         save_sae(random_sae(), tmp_path, lam=0.1, extra_cfg={"d_in": 3})
     with pytest.raises(TypeError, match="sae must be a VanillaSAE"):
         save_sae(np.zeros(3), tmp_path, lam=0.1)
+
+
+def test_certify_sae_streams_a_memory_map_like_certify_on_the_joint_view(tmp_path):
+    """Chunked reading of a float32 memmap (cast per chunk) gives certify's numbers on the joint view."""
+    from companion import certify
+    from companion.interop import certify_sae
+    sae = random_sae(d_in=5, d_sae=7)
+    with torch.no_grad():
+        sae.W_enc.mul_(0.3)
+    X = data(n=97).numpy().astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    cert = certify_sae(sae, mm, 0.2, chunk_size=10)
+    Xc, D, Z = sae.joint_view(torch.from_numpy(X).double())
+    a, b = certify(Xc, D, 0.2, Z), certify(Xc, D, 0.2)
+    for name in ("loss", "t1_violation", "t2_violation", "duality_gap", "l0", "fvu", "huber_bound"):
+        assert getattr(cert.sae_codes, name) == pytest.approx(getattr(a, name), rel=1e-10, abs=1e-12), name
+        assert getattr(cert.exact_codes, name) == pytest.approx(getattr(b, name), rel=1e-8, abs=1e-10), name
+    assert cert.sae_codes.bias_stationarity == pytest.approx(float((Xc - Z @ D).mean(0).norm()), rel=1e-10)
+    rows = np.array([3, 50, 7, 96])
+    sub = certify_sae(sae, mm, 0.2, rows=rows, exact=False)
+    assert sub.sae_codes.n_samples == 4
+    assert sub.sae_codes.loss == pytest.approx(certify(Xc[rows], D, 0.2, Z[rows]).loss, rel=1e-10)
+    assert json.loads(json.dumps(cert.to_dict()))["exact_codes"]["codes"] == "exact"
+
+
+def test_certify_sae_refuses_empty_and_mismatched_inputs():
+    from companion.interop import certify_sae
+    sae = random_sae()
+    with pytest.raises(ValueError, match="X has no rows"):
+        certify_sae(sae, np.zeros((0, 5)), 0.1)
+    with pytest.raises(TypeError, match=r"float32 tensor but the SAE's parameters are torch.float64: "
+                                        r"pass X.to\(torch.float64\)"):
+        certify_sae(sae, torch.zeros(3, 5), 0.1)
+    with pytest.raises(ValueError, match="3 columns but the SAE has d_in=5"):
+        certify_sae(sae, np.zeros((4, 3)), 0.1)
+    bad = np.zeros((30, 5))
+    bad[17, 1] = np.inf
+    with pytest.raises(ValueError, match="first in row 17"):
+        certify_sae(sae, bad, 0.1, chunk_size=8)
+    with pytest.raises(TypeError, match="lam must be a positive number"):
+        certify_sae(sae, np.zeros((4, 5)), "0.1")
