@@ -33,6 +33,7 @@ import warnings
 from dataclasses import dataclass, asdict
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -66,13 +67,25 @@ class EncodeInfo:
         ``max(max_k (d_kᵀr - λ)₊ off the support, max_k |d_kᵀr - λ| on the support)``
         (codes are nonnegative by construction).
     converged : bool
-        Whether ``max_kkt_violation <= tol``.
+        Whether every row met ``tol``: its T1 violation is at most ``tol · λ``.
     tol : float
-        The tolerance that was asked for.
+        The tolerance that was asked for, in units of λ.
     n_fallback_rows : int
         Rows the active-set method could not finish, handed to projected-gradient steps.
     max_support : int
         Largest number of nonzero entries in a row of the codes.
+    kkt_violation_lam : float
+        ``max_kkt_violation / λ``: T1 in units of λ.
+    n_unconverged_rows : int
+        Rows whose T1 violation exceeds ``tol · λ``.
+    n_dtype_limited_rows : int
+        Of those, rows solved to the rounding level of the working dtype, which cannot
+        resolve ``tol · λ`` for them (``4 eps ‖x_n‖ > tol · λ``, or an active set that stalls
+        at the rounding level of an ill-conditioned support).
+    dtype_limited_norm : float
+        Largest ``‖x_n‖`` among those rows (0 when there are none).
+    dtype_limited_lam : float
+        Largest T1 violation among those rows, in units of λ (0 when there are none).
     """
 
     n_iter: int
@@ -81,15 +94,23 @@ class EncodeInfo:
     tol: float
     n_fallback_rows: int
     max_support: int
+    kkt_violation_lam: float = 0.0
+    n_unconverged_rows: int = 0
+    n_dtype_limited_rows: int = 0
+    dtype_limited_norm: float = 0.0
+    dtype_limited_lam: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def default_tol(X: torch.Tensor) -> float:
-    """Default KKT tolerance: ``1e-9`` (float64) or ``2e-4`` (float32), times ``max(1, max_n ‖x_n‖)``."""
-    scale = max(1.0, float(X.norm(dim=1).max())) if X.numel() else 1.0
-    return (1e-9 if X.dtype == torch.float64 else 2e-4) * scale
+def default_tol(X: torch.Tensor | None = None) -> float:
+    """Default T1 tolerance **in units of λ**: ``1e-8`` (float64) or ``1e-3`` (float32).
+
+    Every row ``n`` is held to ``max_k viol_nk <= tol · λ`` on its own (no row is judged on
+    the scale of another). ``X`` only selects the dtype.
+    """
+    return 1e-3 if X is not None and X.dtype == torch.float32 else 1e-8
 
 
 def default_chunk_size(n_atoms: int) -> int:
@@ -97,13 +118,29 @@ def default_chunk_size(n_atoms: int) -> int:
     return int(max(256, min(8192, (1 << 23) // max(1, n_atoms))))
 
 
+def _row_norms(X: torch.Tensor) -> torch.Tensor:
+    """``‖x_n‖`` without overflow or underflow of the squares (rows scaled by their max)."""
+    s = X.abs().amax(1, keepdim=True) if X.shape[1] else X.new_ones(X.shape[0], 1)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (X / s).norm(dim=1) * s.squeeze(1)
+
+
 # ----------------------------------------------------------------------------------------
 # batched active-set kernel (no input checks)
 # ----------------------------------------------------------------------------------------
 
 #: Largest dictionary (in Gram entries) whose Gram matrix ``D Dᵀ`` is formed once per call;
-#: its support sub-blocks are then gathered instead of recomputed from the atoms.
-_GRAM_ENTRIES = 1 << 24
+#: its support sub-blocks are then gathered instead of recomputed from the atoms, and the
+#: correlations of sparse codes are updated from it (``c₀ - z_S G_S``).
+_GRAM_ENTRIES = 1 << 26
+
+#: Rounding floor of T1 in units of the dtype's epsilon: the correlations ``d_kᵀr`` of a
+#: row are computed to about ``eps · ‖x_n‖`` (measured: median 1, 99th percentile 2–3 on
+#: random dictionaries), so a row is never asked for less than ``_FLOOR · eps · ‖x_n‖``.
+#: A row that stalls within ``_STALL_FLOOR · eps · (‖x_n‖ + ‖z_n‖₁)`` of its tolerance is at
+#: the resolution of its dtype (ill-conditioned supports amplify rounding) and stops there.
+_FLOOR = 4.0
+_STALL_FLOOR = 256.0
 
 #: Long supports grow faster: a row whose support has at least ``_GROW_FROM`` atoms and
 #: whose every offered atom survived is offered twice as many next round, at most
@@ -113,21 +150,31 @@ _GROW_FROM = 16
 _MAX_ADD = 32
 _ROOM_DIV = 4
 
+#: The correlations of a sparse iterate come from the Gram matrix while its rows hold at
+#: most ``n_features // _GRAM_DIV`` atoms on average (a sparse product then costs less than
+#: the residual product ``r Dᵀ``), else from the residual.
+_GRAM_DIV = 4
+
 
 class _Dict:
     """What the kernel needs of a dictionary: the atoms with one zero padding atom (index
-    ``k``) appended and, for dictionaries that are not too large, the flat Gram matrix
-    ``Ge = De Deᵀ`` (whose padding row and column are zero)."""
+    ``k``) appended and, for dictionaries that are not too large, the Gram matrix
+    ``Ge = De Deᵀ`` (whose padding row and column are zero).
 
-    def __init__(self, D: torch.Tensor):
+    ``n_rows`` (the rows to be encoded, when known) skips the Gram matrix where forming it
+    (``k² d``) would cost more than a product with the rows (``n k d``).
+    """
+
+    def __init__(self, D: torch.Tensor, n_rows: int | None = None):
         self.k, self.d = D.shape
         self.pad = self.k
         self.k1 = self.k + 1
         self.De = torch.cat([D, D.new_zeros(1, self.d)], 0)
-        if self.k1 * self.k1 <= _GRAM_ENTRIES:
-            self.Gf = (self.De @ self.De.T).reshape(-1)
+        if self.k1 * self.k1 <= _GRAM_ENTRIES and (n_rows is None or self.k1 <= 2 * n_rows):
+            self.G = self.De @ self.De.T
+            self.Gf = self.G.view(-1)
         else:
-            self.Gf = None
+            self.G = self.Gf = None
 
     def gram(self, idx: torch.Tensor) -> torch.Tensor:
         """Support Gram blocks ``D_S D_Sᵀ`` (m, w, w), identity on padding entries."""
@@ -151,6 +198,38 @@ class _Dict:
         for j in range(idx.shape[1]):      # one gathered atom per support slot
             R.addcmul_(self.De.index_select(0, idx[:, j]), z[:, j:j + 1], value=-1)
         return R
+
+    def correlations(self, X: torch.Tensor, C: torch.Tensor, rows: torch.Tensor | None,
+                     idx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``d_kᵀ r`` for every atom (and λ in the padding column) of the rows ``rows`` of
+        ``X`` (``None``: all of them), a fresh (m, k+1) tensor.
+
+        ``C = [X Dᵀ, λ]``. Short supports: ``C - z_S G_S`` (a sparse product on
+        the CPU, gathered Gram rows elsewhere; ``O(k |S|)`` a row); long ones or no Gram
+        matrix: the residual product ``r Deᵀ`` (``O(k d)``), padding column set back to λ.
+        Either way each entry is a fixed sum in a fixed order: bitwise the same whatever the
+        number of threads.
+        """
+        m, w = idx.shape
+        valid = idx < self.pad
+        counts = valid.sum(1)
+        if self.G is not None and int(counts.sum()) * _GRAM_DIV <= m * self.d:
+            out = C.clone() if rows is None else C.index_select(0, rows)
+            if C.device.type == "cpu":
+                crow = torch.zeros(m + 1, dtype=torch.long)
+                torch.cumsum(counts, 0, out=crow[1:])
+                with warnings.catch_warnings():          # "sparse CSR support is in beta"
+                    warnings.simplefilter("ignore", UserWarning)
+                    A = torch.sparse_csr_tensor(crow, idx[valid], z[valid], size=(m, self.k1),
+                                                check_invariants=False)
+                    return out.addmm_(A, self.G, alpha=-1)
+            for j in range(w):
+                out.addcmul_(self.G.index_select(0, idx[:, j]), z[:, j:j + 1], value=-1)
+            return out
+        Xr = X if rows is None else X.index_select(0, rows)
+        out = self.residual(Xr, idx, z) @ self.De.T
+        out[:, self.k] = C[0, self.k]
+        return out
 
 
 def _sort_support(idx: torch.Tensor, z: torch.Tensor, pad: int, *extra: torch.Tensor):
@@ -264,26 +343,35 @@ def _lawson_hanson_inner(Dc, Cf, rowmap, idx, z, lam, ridge, new=None):
     return idx, z, new
 
 
-def _supports_of(Z0: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded supports ``(idx, z)`` of the positive entries of each row of ``Z0``."""
+def _supports_of(Z0: torch.Tensor, pad: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded supports ``(idx, z)`` of the positive entries of each row of ``Z0`` (at most
+    its ``cap`` largest entries a row)."""
     m = Z0.shape[0]
-    r, c = torch.nonzero(Z0 > 0, as_tuple=True)
+    pos = Z0 > 0
+    if m and int(pos.sum(1).max()) > cap:
+        thr = Z0.topk(cap, dim=1).values[:, -1:]
+        pos &= Z0 >= thr
+        over = pos.sum(1) > cap                       # ties at the threshold: keep the first
+        if bool(over.any()):
+            rank = torch.cumsum(pos.to(torch.long), 1)
+            pos &= rank <= cap
+    r, c = torch.nonzero(pos, as_tuple=True)
     counts = torch.bincount(r, minlength=m)
     w = int(counts.max()) if r.numel() else 0
     starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(r.numel(), device=Z0.device) - starts[r]
+    slot = torch.arange(r.numel(), device=Z0.device) - starts[r]
     idx = torch.full((m, w), pad, dtype=torch.long, device=Z0.device)
     z = Z0.new_zeros(m, w)
-    idx[r, pos] = c
-    z[r, pos] = Z0[r, c]
+    idx[r, slot] = c
+    z[r, slot] = Z0[r, c]
     return idx, z
 
 
 def _fista_rows(X: torch.Tensor, D: torch.Tensor, Z: torch.Tensor, lam: float,
-                tol: float, max_iter: int, Lip: float) -> tuple[torch.Tensor, torch.Tensor]:
+                tol: torch.Tensor, max_iter: int, Lip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected-gradient (FISTA with restart) on the full dictionary for a few rows.
 
-    Returns codes and each row's KKT violation.
+    ``tol``: each row's tolerance. Returns codes and each row's KKT violation.
     """
     step = 1.0 / Lip
     Y = Z.clone()
@@ -302,7 +390,7 @@ def _fista_rows(X: torch.Tensor, D: torch.Tensor, Z: torch.Tensor, lam: float,
             tn = 1.0 if bool(restart.all()) else tn
         Zold, t = Znew, tn
         if (it % 20 == 19 or it == max_iter - 1) and \
-                float(_kkt_violation_dense(X, D, Znew, lam).max()) <= tol:
+                bool((_kkt_violation_dense(X, D, Znew, lam) <= tol).all()):
             break
     return Zold, _kkt_violation_dense(X, D, Zold, lam)
 
@@ -314,38 +402,49 @@ def _kkt_violation_dense(X, D, Z, lam):
 
 
 def _encode_chunk(X, Dc, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback_iter, Zout):
-    """Encode one chunk of rows into ``Zout`` (zeros, (m, k)); returns
-    ``(n_iter, viol, n_fallback)``."""
+    """Encode one chunk of rows into ``Zout`` (zeros, (m, k)).
+
+    ``tol``: each row's (absolute) tolerance, shape (m,). Returns ``(n_iter, viol, cut,
+    max_support)``: rounds used, each row's final T1 violation, a mask of the rows the
+    active-set method did not finish (round limit, or a stall above the rounding floor),
+    which went to the projected-gradient fallback unless ``fallback_iter == 0``, and the
+    largest support.
+    """
     m = X.shape[0]
     k, pad = Dc.k, Dc.pad
     dev, dt = X.device, X.dtype
-    Ce = X @ Dc.De.T                   # (m, k+1): d_kᵀ x, padding column set to λ
-    Ce[:, k] = lam
-    Cf = Ce.view(-1)
+    eps = torch.finfo(dt).eps
+    C = X @ Dc.De.T                    # (m, k+1): d_kᵀ x, padding column set to λ
+    C[:, k] = lam
+    Cf = C.view(-1)
+    xnorm = _row_norms(X)
     done_rows, done_idx, done_z = [], [], []               # finished rows, scattered at the end
     viol_out = torch.zeros(m, dtype=dt, device=dev)
+    cut = torch.zeros(m, dtype=torch.bool, device=dev)
     allrows = torch.arange(m, device=dev)
 
-    # initial supports and the correlations d_kᵀ r of their codes
+    # initial supports (a warm start's, after one Lawson–Hanson descent) and their correlations
     first = p_first
     if Z0 is not None and bool((Z0 > 0).any()):
-        idx, z = _supports_of(Z0, pad)
+        idx, z = _supports_of(Z0, pad, Dc.d)
         idx, z, _ = _lawson_hanson_inner(Dc, Cf, allrows, idx, z, lam, ridge)
         idx, z = _sort_support(idx, z, pad)
-        corr = Dc.residual(X, idx, z) @ Dc.De.T
         first = p_add
     else:
         idx = torch.full((m, 0), pad, dtype=torch.long, device=dev)
-        z = Ce.new_zeros(m, 0)
-        corr = Ce                      # not written to while supports are empty
+        z = C.new_zeros(m, 0)
 
-    act = allrows                      # rows still iterating; idx, z, corr follow them
+    act = allrows                      # rows still iterating; idx, z follow them
     padd = torch.full((m,), p_add, dtype=torch.long, device=dev)
     stalls = torch.zeros(m, dtype=torch.long, device=dev)
-    fallback = torch.zeros(m, dtype=torch.bool, device=dev)
     n_iter = 0
-    while act.numel() and n_iter < max_iter:
-        n_iter += 1
+    while act.numel():
+        # correlations d_kᵀ r of the current iterate; its violation; who leaves
+        rows = None if act.numel() == m else act         # act is arange(m) until rows leave
+        if idx.shape[1]:
+            corr = Dc.correlations(X, C, rows, idx, z)
+        else:                                            # read-only: nothing to hide yet
+            corr = C if rows is None else C.index_select(0, rows)
         if idx.shape[1]:
             valid = idx < pad
             on_corr = corr.gather(1, idx)
@@ -353,28 +452,35 @@ def _encode_chunk(X, Dc, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback
             corr.scatter_(1, idx, -math.inf)          # hide the support (and padding)
         else:
             v_on = torch.zeros(act.numel(), dtype=dt, device=dev)
-        nadd = torch.full_like(act, first) if n_iter == 1 else padd[act]
-        p_now = int(nadd.max())
+        nadd = torch.full_like(act, first) if n_iter == 0 else padd[act]
+        p_now = min(int(nadd.max()), k)
         if p_now == 1:
             top_val, top_idx = corr.max(1, keepdim=True)
         else:
-            top_val, top_idx = corr.topk(min(p_now, k), dim=1)
+            top_val, top_idx = corr.topk(p_now, dim=1)
         v = torch.maximum(v_on, (top_val[:, 0] - lam).clamp(min=0))
-        conv = v <= tol
-        if bool(conv.any()):
-            rows = act[conv]
+        tol_a = tol[act]
+        conv = v <= tol_a
+        stop = conv | (stalls[act] >= 3) | (n_iter >= max_iter)
+        if bool(stop.any()):
+            rows = act[stop]
             if idx.shape[1]:
-                done_rows.append(rows); done_idx.append(idx[conv]); done_z.append(z[conv])
-            viol_out[rows] = v[conv]
-            keep = ~conv
+                done_rows.append(rows); done_idx.append(idx[stop]); done_z.append(z[stop])
+            viol_out[rows] = v[stop]
+            # a stalled row within the rounding floor of its dtype is as exact as it gets
+            z1 = z[stop].sum(1) if idx.shape[1] else torch.zeros_like(v[stop])
+            floor = _STALL_FLOOR * eps * (xnorm[rows] + z1)
+            cut[rows] = ~conv[stop] & (v[stop] > torch.maximum(tol_a[stop], floor))
+            keep = ~stop
             if not bool(keep.any()):
-                act = act[:0]
                 break
-            act, idx, z, top_val, top_idx, nadd = (act[keep], idx[keep], z[keep], top_val[keep],
-                                                   top_idx[keep], nadd[keep])
+            act, idx, z, top_val, top_idx, nadd, tol_a = (act[keep], idx[keep], z[keep],
+                                                          top_val[keep], top_idx[keep],
+                                                          nadd[keep], tol_a[keep])
+        n_iter += 1
         # add the top violators: ``first`` in the first round, then at most padd per row
         rank = torch.arange(top_idx.shape[1], device=dev).unsqueeze(0)
-        add = (top_val - lam > tol) & (rank < nadd.unsqueeze(1))
+        add = (top_val - lam > tol_a.unsqueeze(1)) & (rank < nadd.unsqueeze(1))
         idx_new = torch.cat([idx, torch.where(add, top_idx, torch.full_like(top_idx, pad))], 1)
         z_new = torch.cat([z, torch.zeros_like(top_val)], 1)
         new_flag = torch.cat([torch.zeros_like(idx, dtype=torch.bool), add], 1)
@@ -383,46 +489,31 @@ def _encode_chunk(X, Dc, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback
         # a stall: the atoms added all dropped out again, or only an on-support refinement
         # was possible; after a stall add one atom at a time (the Lawson–Hanson guarantee)
         stalled = ~(add.any(1) & new_flag.any(1))
-        st = torch.where(stalled, stalls[act] + 1, torch.zeros_like(stalls[act]))
-        stalls[act] = st
+        stalls[act] = torch.where(stalled, stalls[act] + 1, torch.zeros_like(stalls[act]))
         size = (idx_new < pad).sum(1)
         full = (new_flag.sum(1) >= nadd) & (size >= _GROW_FROM)
         room = (Dc.d // _ROOM_DIV - size).clamp(min=1)
         base = torch.minimum(nadd, padd[act])
         grow = torch.maximum(torch.minimum((2 * nadd).clamp(max=_MAX_ADD), room), base)
         padd[act] = torch.where(stalled, torch.ones_like(nadd), torch.where(full, grow, base))
-        give_up = st >= 3
-        if bool(give_up.any()):
-            rows = act[give_up]
-            fallback[rows] = True
-            done_rows.append(rows); done_idx.append(idx_new[give_up])
-            done_z.append(z_new[give_up])
-            ok = ~give_up
-            act, idx_new, z_new = act[ok], idx_new[ok], z_new[ok]
         idx, z = _sort_support(idx_new, z_new, pad)
-        if act.numel():
-            corr = Dc.residual(X[act], idx, z) @ Dc.De.T
-    # rows that ran out of iterations also go to the fallback
-    if act.numel():
-        fallback[act] = True
-        if idx.shape[1]:
-            done_rows.append(act); done_idx.append(idx); done_z.append(z)
+    smax = 0
     for rows, i, v in zip(done_rows, done_idx, done_z):
         if i.shape[1]:
             r = rows.unsqueeze(1).expand_as(i)
             ok = i < pad
             Zout[r[ok], i[ok]] = v[ok]
-    n_fb = int(fallback.sum())
-    if n_fb and fallback_iter == 0:      # internal use: keep the feasible iterate, unconverged
-        viol_out[fallback] = math.inf
-    elif n_fb:
-        rows = torch.nonzero(fallback).flatten()
+            smax = max(smax, int((v > 0).sum(1).max()))
+    if fallback_iter and bool(cut.any()):
+        rows = torch.nonzero(cut).flatten()
         D = Dc.De[:k]
         Lip = float(torch.linalg.matrix_norm(D, ord=2)) ** 2
-        Zf, vf = _fista_rows(X[rows], D, Zout[rows], lam, tol, fallback_iter, Lip)
-        Zout[rows] = Zf
-        viol_out[rows] = vf
-    return n_iter, viol_out, n_fb
+        Zf, vf = _fista_rows(X[rows], D, Zout[rows], lam, tol[rows], fallback_iter, Lip)
+        better = vf < viol_out[rows]                  # keep the active-set codes otherwise
+        Zout[rows[better]] = Zf[better]
+        viol_out[rows[better]] = vf[better]
+        smax = max(smax, int((Zout[rows] > 0).sum(1).max()))
+    return n_iter, viol_out, cut, smax
 
 
 def encode(
@@ -433,6 +524,7 @@ def encode(
     tol: float | None = None,
     max_iter: int = 200,
     chunk_size: int | None = None,
+    init: Any = None,
     Z0: Any = None,
     return_info: bool = False,
     progress: bool = False,
@@ -447,13 +539,15 @@ def encode(
     .. math::
         z_n = \operatorname{argmin}_{z\ge 0}\ \tfrac12\|x_n - zD\|_2^2 + \lambda\,\mathbf 1^\top z,
 
-    to the KKT tolerance ``tol`` of T1: with :math:`r_n = x_n - z_nD`,
-    :math:`d_k^\top r_n \le \lambda` for every atom and :math:`d_k^\top r_n = \lambda` wherever
-    :math:`z_{nk} > 0`. Equivalently :math:`r_n` is the projection of :math:`x_n` onto the
-    polyhedron :math:`\{r : Dr \le \lambda\mathbf 1\}`.
+    to the KKT tolerance of T1, row by row: with :math:`r_n = x_n - z_nD`,
+    :math:`d_k^\top r_n \le \lambda(1 + \mathrm{tol})` for every atom and
+    :math:`|d_k^\top r_n - \lambda| \le \lambda\,\mathrm{tol}` wherever :math:`z_{nk} > 0`.
+    Equivalently :math:`r_n` is the projection of :math:`x_n` onto the polyhedron
+    :math:`\{r : Dr \le \lambda\mathbf 1\}`.
 
     Method: batched Lawson–Hanson active set (see the module docstring); every iterate is
-    feasible and the per-row objective decreases monotonically.
+    feasible and the per-row objective decreases monotonically. The result does not depend
+    on the number of threads (every sum is taken in a fixed order).
 
     Parameters
     ----------
@@ -464,18 +558,27 @@ def encode(
     lam : float
         The penalty :math:`\lambda > 0`.
     tol : float, optional
-        KKT tolerance on :math:`|d_k^\top r - \lambda|` (support) and
-        :math:`(d_k^\top r - \lambda)_+` (off support). Default :func:`default_tol`:
-        ``1e-9`` in float64 and ``2e-4`` in float32, times ``max(1, max_n ‖x_n‖)``.
+        T1 tolerance **in units of λ**, for every row separately: a row is converged when
+        :math:`\max_k` of :math:`|d_k^\top r - \lambda|` (support) and
+        :math:`(d_k^\top r - \lambda)_+` (off support) is at most ``tol · λ``. Default
+        :func:`default_tol`: ``1e-8`` in float64, ``1e-3`` in float32. Rounding limits what
+        a dtype can certify: a row's correlations carry errors of about
+        :math:`\varepsilon\|x_n\|` (ε the machine epsilon), so a row with
+        :math:`4\varepsilon\|x_n\| > \mathrm{tol}\cdot\lambda` cannot meet ``tol``; it is
+        solved to rounding and reported (warning below).
     max_iter : int
-        Maximum outer active-set iterations per chunk (each costs one ``r Dᵀ`` product on
+        Maximum outer active-set iterations per chunk (each costs one correlation update on
         the rows not yet converged).
     chunk_size : int, optional
         Rows processed at once; peak memory is ``O(chunk_size · n_atoms)``. Default
         :func:`default_chunk_size`.
+    init : array (n_samples, n_atoms), optional
+        Warm start: nonnegative codes (e.g. an SAE's own encoder codes, or the previous
+        iterate while learning a dictionary) or a boolean array of supports. Each row's
+        positive (or ``True``) entries, at most its ``n_features`` largest, seed its
+        active set; a good warm start saves most active-set rounds, a bad one costs a few.
     Z0 : array (n_samples, n_atoms), optional
-        Nonnegative warm start (its supports seed the active sets), e.g. the previous codes
-        while learning a dictionary.
+        Former name of ``init`` (nonnegative codes); still accepted.
     return_info : bool
         Also return an :class:`EncodeInfo`.
     progress : bool
@@ -501,7 +604,9 @@ def encode(
     Warns
     -----
     ConvergenceWarning
-        When the largest KKT violation exceeds ``tol``; the message names the violation.
+        When some row's T1 violation exceeds ``tol · λ``: the message names the violation
+        in units of λ and says whether the working dtype cannot resolve the tolerance for
+        those rows (use float64, or a larger ``tol``) or the iterations ran out.
     """
     lam = check_positive(lam, "lam")
     Xt, kind = as_tensor(X, "X", ndim=2)
@@ -517,56 +622,101 @@ def encode(
     if chunk_size is None:
         chunk_size = default_chunk_size(k)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
-    if tol is None:
-        tol = default_tol(Xt)
-    else:
-        tol = check_positive(tol, "tol")
+    tol = default_tol(Xt) if tol is None else check_positive(tol, "tol")
+    if init is not None and Z0 is not None:
+        raise ValueError("give init or Z0 (its former name), not both")
+    name, W = ("init", init) if init is not None else ("Z0", Z0)
     Z0t = None
-    if Z0 is not None:
-        Z0t, _ = as_tensor(Z0, "Z0", ndim=2, like=Xt)
-        check_codes(Z0t, "Z0", (n, k))
+    if W is not None:
+        if isinstance(W, np.ndarray) and W.dtype == np.bool_:
+            W = torch.from_numpy(W)
+        if isinstance(W, torch.Tensor) and W.dtype == torch.bool:
+            W = W.to(device=Xt.device, dtype=Xt.dtype)
+        Z0t, _ = as_tensor(W, name, ndim=2, like=Xt)
+        check_codes(Z0t, name, (n, k))
 
     with torch.no_grad():
         Z, info = _encode_tensor(Xt, Dt, lam, tol, max_iter, chunk_size, Z0t, progress,
                                  add_per_iter, fallback_iter, first_add)
     if not info.converged:
-        warnings.warn(
-            f"encode did not reach tol={tol:.3g}: largest KKT violation {info.max_kkt_violation:.3g} "
-            f"after {info.n_iter} active-set iterations and {fallback_iter} fallback iterations "
-            f"on {info.n_fallback_rows} rows",
-            ConvergenceWarning, stacklevel=2)
+        warnings.warn(_unconverged_message(info, lam, Xt.dtype, fallback_iter),
+                      ConvergenceWarning, stacklevel=2)
     Zo = kind.out(Z)
     return (Zo, info) if return_info else Zo
 
 
+def _unconverged_message(info: "EncodeInfo", lam: float, dtype, fallback_iter: int) -> str:
+    """The :class:`ConvergenceWarning` text for an unconverged :class:`EncodeInfo`."""
+    parts = [f"encode did not reach T1 <= tol*lambda (tol={info.tol:.3g}, lambda={lam:.3g}) on "
+             f"{info.n_unconverged_rows} rows: largest KKT violation "
+             f"{info.max_kkt_violation:.3g} = {info.kkt_violation_lam:.3g} lambda"]
+    if info.n_dtype_limited_rows:
+        parts.append(
+            f"{info.n_dtype_limited_rows} rows are limited by {str(dtype).replace('torch.', '')} "
+            f"rounding (correlations carry errors of about eps*||x_n||, here up to "
+            f"{info.dtype_limited_norm:.3g} against lambda={lam:.3g}): their codes are exact to "
+            f"rounding but not certified at this tol; use float64 or tol >= "
+            f"{2 * info.dtype_limited_lam:.2g}")
+    if info.n_unconverged_rows > info.n_dtype_limited_rows:
+        parts.append(f"{info.n_fallback_rows} rows were handed to {fallback_iter} projected-"
+                     f"gradient iterations after {info.n_iter} active-set iterations")
+    return "; ".join(parts)
+
+
+#: Row norms above which the squares could overflow: such inputs are solved at a power-of-two
+#: scale (exact in floating point) and the codes scaled back.
+_BIG = {torch.float64: 2.0 ** 480, torch.float32: 2.0 ** 44}
+
+
 def _encode_tensor(X, D, lam, tol, max_iter, chunk_size, Z0, progress, add_per_iter,
                    fallback_iter, first_add=None, Dc=None):
-    """Tensor-only core of :func:`encode` (inputs already validated). ``Dc``: a
-    :class:`_Dict` of ``D`` to reuse across calls (certify encodes chunk by chunk)."""
+    """Tensor-only core of :func:`encode` (inputs already validated; ``tol`` in units of
+    λ). ``Dc``: a :class:`_Dict` of ``D`` to reuse across calls (certify encodes chunk by
+    chunk)."""
     n, k = X.shape[0], D.shape[0]
     dev, dt = X.device, X.dtype
+    eps = torch.finfo(dt).eps
     if first_add is None:
         first_add = max(add_per_iter, min(8, D.shape[1]))
     if Dc is None:
-        Dc = _Dict(D)
+        Dc = _Dict(D, n_rows=n)
     ridge = (1e-12 if dt == torch.float64 else 1e-6)
     Z = torch.zeros(n, k, dtype=dt, device=dev)
-    n_iter, vmax, n_fb, smax = 0, 0.0, 0, 0
+    n_iter, vmax, n_fb, smax, n_bad, n_lim, lim_norm, lim_v = 0, 0.0, 0, 0, 0, 0, 0.0, 0.0
     starts = range(0, n, chunk_size)
     for s in tqdm(starts, disable=not progress, desc="encode", unit="chunk", leave=False):
         e = min(n, s + chunk_size)
-        Zc = Z[s:e]
-        it, v, fb = _encode_chunk(X[s:e], Dc, lam, tol, max_iter,
-                                  None if Z0 is None else Z0[s:e], first_add, add_per_iter,
-                                  ridge, fallback_iter, Zc)
+        Xc, Zc = X[s:e], Z[s:e]
+        Z0c = None if Z0 is None else Z0[s:e]
+        xn = _row_norms(Xc)
+        big = float(xn.max()) if xn.numel() else 0.0
+        shift = math.frexp(big)[1] if big > _BIG[dt] else 0
+        lam_c = math.ldexp(lam, -shift)
+        if shift:                       # a power of two: the scaled problem is exactly the same
+            Xc, xn = Xc * math.ldexp(1.0, -shift), xn * math.ldexp(1.0, -shift)
+            Z0c = None if Z0c is None else Z0c * math.ldexp(1.0, -shift)
+        tol_rows = torch.clamp(_FLOOR * eps * xn, min=tol * lam_c)
+        it, v, cut, smax_c = _encode_chunk(Xc, Dc, lam_c, tol_rows, max_iter, Z0c, first_add,
+                                           add_per_iter, ridge, fallback_iter, Zc)
+        if shift:
+            Zc.mul_(math.ldexp(1.0, shift))
+        v_lam = v / lam_c                               # T1 in units of λ (scale-free)
+        unmet = v_lam > tol
+        limited = unmet & ~cut
         n_iter = max(n_iter, it)
         if v.numel():
-            vmax = max(vmax, float(v.max()))
-        n_fb += fb
-        if Zc.numel():
-            smax = max(smax, int((Zc > 0).sum(1).max()))
-    info = EncodeInfo(n_iter=n_iter, max_kkt_violation=vmax, converged=vmax <= tol, tol=tol,
-                      n_fallback_rows=n_fb, max_support=smax)
+            vmax = max(vmax, float(v_lam.max()))
+            n_bad += int(unmet.sum())
+            n_fb += int(cut.sum())
+            if bool(limited.any()):
+                n_lim += int(limited.sum())
+                lim_norm = max(lim_norm, math.ldexp(float(xn[limited].max()), shift))
+                lim_v = max(lim_v, float(v_lam[limited].max()))
+            smax = max(smax, smax_c)
+    info = EncodeInfo(n_iter=n_iter, max_kkt_violation=vmax * lam, converged=n_bad == 0,
+                      tol=tol, n_fallback_rows=n_fb, max_support=smax, kkt_violation_lam=vmax,
+                      n_unconverged_rows=n_bad, n_dtype_limited_rows=n_lim,
+                      dtype_limited_norm=lim_norm, dtype_limited_lam=lim_v)
     return Z, info
 
 
