@@ -411,9 +411,11 @@ def minimize_on_spheres(X: Any, D0: Any, lam: float, *, max_iter: int = 2000,
 
     Writes :math:`d_k = w_k/\|w_k\|` and hands :math:`W \mapsto F(W/\|W\|)` with its gradient
     :math:`(I - d_kd_k^\top)\nabla_{d_k}F/\|w_k\|` (Danskin, :func:`value_gradient`) to SciPy's
-    L-BFGS-B. It shares nothing with :func:`companion.fit_dictionary`'s block sweeps (T2's
-    centroid form) except the exact codes, so reaching the same point from another start is
-    evidence that the point is stationary, not a restatement of the sweep's stopping rule.
+    L-BFGS-B. It shares only the exact codes with :func:`companion.fit_dictionary` (whose block
+    sweeps use T2's centroid form and whose polish is its own Riemannian L-BFGS on the spheres):
+    another implementation, an unconstrained parametrisation and SciPy's stopping rule, so
+    reaching the same point from another start is evidence that the point is stationary, not a
+    restatement of the fit's stopping rule.
     """
     from scipy import optimize
 
