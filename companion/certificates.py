@@ -420,8 +420,9 @@ class _ExactCodes:
         """A :class:`ConvergenceWarning` if some chunk's exact codes missed their tolerance."""
         if self.worst > 0:
             warnings.warn(
-                f"certify: exact codes did not converge (T1 violation {self.worst:.3g} = "
-                f"{self.worst / self.lam:.3g} lambda, above tol {self.worst_tol:.3g})",
+                f"certify: exact codes did not converge: T1 violation {self.worst:.3g} = "
+                f"{self.worst / self.lam:.3g} lambda (encode tol={self.worst_tol:.3g}; the report's "
+                "T1 columns show where)",
                 ConvergenceWarning, stacklevel=stacklevel + 1)
 
 
@@ -512,7 +513,8 @@ def certify(
         Residuals (largest norms) kept for the new-atom search.
     encode_kwargs : dict, optional
         Extra arguments for the exact codes when ``Z`` is None (``tol``, ``max_iter``,
-        ``add_per_iter``, ``fallback_iter``).
+        ``add_per_iter``, ``fallback_iter``), with :func:`companion.encode`'s meaning; the
+        default ``tol`` is :func:`companion.coding.default_tol` of each chunk.
 
     Returns
     -------
