@@ -12,6 +12,10 @@ text is Python's own documentation (:func:`python_docs`, from ``pydoc_data.topic
 ships with every Python). Any other model folder or hub id works the same way where it can
 be loaded (e.g. ``"gpt2"`` in Colab).
 
+:func:`train_saelens_sae` trains a vanilla SAE on such activations with the library
+practitioners use, SAELens (its ``SAETrainer`` and ``StandardTrainingSAE``), saves it with
+SAELens' own writer and loads it back with :func:`companion.load_sae`.
+
 Only the blocks up to ``layer`` are computed: a forward hook on block ``layer`` stops the
 forward pass once that block has produced its output. Sequences are batched by length (so
 little time goes on padding), and special tokens (``[CLS]``, ``[SEP]``, padding) are dropped.
@@ -26,15 +30,19 @@ import functools
 import os
 import pathlib
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
-from ._validation import check_positive_int
+from ._validation import as_tensor, check_positive, check_positive_int
+from .interop import Checkpoint, CheckpointWarning, load_sae
 from .runtime import generator, pick_device
+from .sae import VanillaSAE
 
-__all__ = ["LMActivations", "default_model_path", "lm_activations", "python_docs"]
+__all__ = ["LMActivations", "SAELensRun", "default_model_path", "lm_activations", "python_docs",
+           "train_saelens_sae"]
 
 _MAX_LENGTH = 128
 _BATCH_SIZE = 32
@@ -308,3 +316,128 @@ def lm_activations(
         doc=doc.to(dev), position=position.to(dev), texts=used_docs, model=name, layer=layer,
         n_layers=len(blocks),
     )
+
+
+@dataclass
+class SAELensRun:
+    r"""A vanilla SAE trained by SAELens and read back from its checkpoint (Chapter 8).
+
+    Attributes
+    ----------
+    sae : VanillaSAE
+        The SAE as :func:`companion.load_sae` reads SAELens' checkpoint (float64).
+    checkpoint : Checkpoint
+        What :func:`companion.load_sae` returned (``checkpoint.lam`` is the λ the files imply,
+        or None if the loader does not find it).
+    loss_history : list of float
+        The minibatch loss at every step in the book's convention, SAELens' loss divided by
+        two (:math:`\tfrac12\|x-\hat x\|^2 + \lambda\sum_k\|W_{dec}[k]\|z_k` with
+        ``l1_coefficient`` :math:`= 2\lambda`).
+    lam : float
+        The book's :math:`\lambda` it was trained at.
+    seed : int
+        Seed of its initialisation (torch's generator, forked) and of the minibatch order.
+    """
+
+    sae: VanillaSAE
+    checkpoint: Checkpoint
+    loss_history: list[float] = field(repr=False)
+    lam: float
+    seed: int
+
+
+@contextlib.contextmanager
+def _silent_saelens_bar():
+    """SAELens' trainer draws a tqdm bar on stderr; stored notebook outputs must have none."""
+    from sae_lens.training import sae_trainer
+
+    bar = sae_trainer.tqdm
+    sae_trainer.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        sae_trainer.tqdm = bar
+
+
+def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLike, *,
+                      steps: int = 1000, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                      device: torch.device | str | None = None) -> SAELensRun:
+    r"""Train a vanilla L1 SAE with SAELens on activations ``X``, save and reload it (Chapter 8).
+
+    ``StandardTrainingSAE`` (ReLU encoder, decoder-norm-weighted L1, SAELens' default
+    initialisation: Kaiming-uniform decoder rows of norm 0.1, tied encoder, zero biases) is
+    trained by ``SAETrainer`` with Adam at a constant learning rate on SAELens' loss
+    :math:`\|x-\hat x\|^2 + \alpha\sum_k\|W_{dec}[k]\|z_k` with :math:`\alpha = 2\lambda`, which
+    is twice the book's SAE loss (Chapter 1). The data provider walks through seeded random
+    permutations of the rows of ``X``. The trained SAE is written by SAELens'
+    ``save_inference_model`` to ``path`` and read back by :func:`companion.load_sae` in
+    float64.
+
+    Parameters
+    ----------
+    X : array (n_samples, d_in)
+        Training activations.
+    n_latents : int
+        ``d_sae``.
+    lam : float
+        The book's penalty :math:`\lambda > 0`.
+    path : str or path
+        Directory for the checkpoint (created).
+    steps, batch_size, lr : int, int, float
+        Adam steps, samples per step, learning rate.
+    seed : int
+        Seeds the initialisation and the minibatch order.
+    device : torch.device or str, optional
+        Where to train. Default: the device of ``X``.
+
+    Returns
+    -------
+    SAELensRun
+    """
+    from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    lam = check_positive(lam, "lam")
+    n_latents = check_positive_int(n_latents, "n_latents")
+    steps = check_positive_int(steps, "steps")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    lr = check_positive(lr, "lr")
+    Xt, _ = as_tensor(X, "X", ndim=2)
+    dev = torch.device(device) if device is not None else Xt.device
+    Xt = Xt.to(device=dev, dtype=torch.float32)
+    n, d = Xt.shape
+
+    def batches():
+        g = generator(seed)
+        while True:
+            perm = torch.randperm(n, generator=g).to(dev)
+            for start in range(0, n - batch_size + 1, batch_size):
+                yield Xt[perm[start:start + batch_size]]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=n_latents,
+                                                            l1_coefficient=2 * lam,
+                                                            device=str(dev)))
+    history: list[torch.Tensor] = []
+
+    class _Recording(SAETrainer):
+        def step(self, batch):
+            out = super().step(batch)
+            history.append(out.loss.detach())
+            return out
+
+    cfg = SAETrainerConfig(total_training_samples=steps * batch_size,
+                           train_batch_size_samples=batch_size, lr=lr, lr_end=lr,
+                           device=str(dev), logger=LoggingConfig(log_to_wandb=False))
+    with _silent_saelens_bar():
+        trained = _Recording(cfg, sae, data_provider=batches()).fit()
+    trained.save_inference_model(str(path))
+    with warnings.catch_warnings():
+        # The loader warns that a v6 checkpoint cannot say whether activations were
+        # normalised; this one was trained with normalize_activations="none".
+        warnings.simplefilter("ignore", CheckpointWarning)
+        checkpoint = load_sae(path, device=dev, dtype=torch.float64)
+    losses = (torch.stack(history).double() / 2).cpu().tolist()
+    return SAELensRun(sae=checkpoint.sae, checkpoint=checkpoint, loss_history=losses, lam=lam,
+                      seed=seed)
