@@ -30,7 +30,9 @@ over the product of spheres (and, with ``fit_bias=True``, over an unpenalised de
    space, started from the per-atom scaling ``N / (‖z_k‖² + λ‖z_k‖₁)`` (the curvature
    that makes T2 the scaled gradient, so the first step is the simultaneous centroid step);
    the step is retracted by normalising the atoms and accepted by an Armijo backtracking
-   line search, so the loss never rises. Block sweeps crawl wherever the landscape is flat
+   line search, so the loss never rises. (Should the line search find no decrease before
+   ``tol`` is met, at the rounding floor of very tight tolerances, exact block sweeps
+   finish.) Block sweeps crawl wherever the landscape is flat
    (dense data); the quasi-Newton step does not.
 
 Every encode of phase 2 is exact, so the certificate at the end is that of exact codes. Dead
@@ -102,8 +104,8 @@ class DictionaryFit:
     bias : array (n_features,) or None
         The fitted decoder bias ``b`` (``None`` unless ``fit_bias=True``).
     message : str
-        How the best restart ended: ``"converged"``, or why it stopped (``max_iter``,
-        ``time_limit``, or a line search that found no decrease) with its T2.
+        How the best restart ended: ``"converged"``, or why it stopped (``max_iter`` or
+        ``time_limit``) with its T2.
     """
 
     D: Any
@@ -270,8 +272,8 @@ def fit_dictionary(
     Warns
     -----
     ConvergenceWarning
-        When the best restart stops (``max_iter``, ``time_limit``, or no decrease found) with
-        T2 (or the bias stationarity) above ``tol``; ``DictionaryFit.message`` says why.
+        When the best restart stops (``max_iter`` or ``time_limit``) with T2 (or the bias
+        stationarity) above ``tol``; ``DictionaryFit.message`` says why.
     """
     t_start = time.perf_counter()
     lam = check_positive(lam, "lam")
@@ -437,8 +439,12 @@ class _Fit:
     def run(self):
         R = self.set_codes(self.enc(self.centred(), self.D, None))
         stop = self.sweep_phase(R)
-        if not stop and self.method == "lbfgs":
-            self.lbfgs_phase()
+        if not stop and self.method == "lbfgs" and self.lbfgs_phase() == "floor":
+            # the quasi-Newton steps reached the rounding floor of the line search before
+            # tol (very tight tolerances): exact block sweeps finish, as in method="sweeps"
+            self.method = "sweeps"
+            Xc = self.centred()
+            self.sweep_phase(Xc - self.Z @ self.D)
         self.bar.close()
         if not self.exact:                  # stopped early (max_iter, time_limit): exact codes
             self.exact = True
@@ -542,6 +548,7 @@ class _Fit:
         return Dn, bn
 
     def lbfgs_phase(self):
+        """Quasi-Newton steps until a stop; ``"floor"`` when no decrease can be found."""
         D, b = self.D, self.b
         Z, loss, R, G, M, zsum, V, scale = self.evaluate(D, b, self.Z)
         self.Z, self.loss, self.zsum = Z, loss, zsum
@@ -580,9 +587,8 @@ class _Fit:
                 slope = float((p * g).sum())
                 step = self.line_search(D, b, Z, loss, p, slope)
             if step is None:
-                self.message = "stopped: the line search found no decrease (numerical floor)"
                 self.D, self.b = D, b
-                return
+                return "floor"
             alpha, Dn, bn, (Zn, loss_n, Rn, Gn, Mn, zsumn, Vn, scalen) = step
             gn = self.tangent(Dn, Gn)
             s = self.tangent(Dn, alpha * p)
