@@ -31,6 +31,12 @@ Absorption fraction of sample :math:`n` (partial absorption, up to ``max_absorbe
 Both are averaged over the samples where the concept is present. The simpler rate that
 Chapter 3 predicts in closed form, :math:`P(\text{main latents silent} \mid \text{concept
 present})`, is reported alongside.
+
+:func:`absorption` takes the concept direction and the main latents as given (Chapter 3
+knows them). :func:`saebench_absorption` runs SAEBench's whole pipeline on any codes and any
+binary concept labels: the ground-truth probe with its F1 gate (:func:`concept_probe`), the
+main latents by k-sparse probing (:func:`k_sparse_probing`), then the same two scores on the
+held-out samples where the probe fires (Chapter 8).
 """
 
 from __future__ import annotations
@@ -451,7 +457,7 @@ def concept_probe(
     with 50 Adam epochs; here scikit-learn's L-BFGS minimises the same objective, bias not
     penalised). Its F1 on the held-out samples, predicting present where
     :math:`w^\top x + b > 0`, is the gate: SAEBench evaluates a concept only if F1 > ``min_f1``
-    (0.6) {cite}`karvonen2025saebench`.
+    (0.6) (SAEBench, Karvonen et al. 2025).
 
     Parameters
     ----------
@@ -511,7 +517,7 @@ def k_sparse_probing(
     top k latents (scikit-learn, as in SAEBench) is scored by its held-out F1. The main
     latents are the top k for the largest k such that every step up to it raised the F1 by
     more than ``f1_jump_threshold`` (k = 1 always counts): a concept split over several
-    latents keeps them all {cite}`karvonen2025saebench`.
+    latents keeps them all (SAEBench, Karvonen et al. 2025).
 
     Parameters
     ----------
@@ -593,7 +599,7 @@ def saebench_absorption(
 ) -> SAEBenchAbsorption:
     r"""SAEBench's absorption evaluation of one binary concept on any codes (Chapters 3 and 8).
 
-    The pipeline of {cite}`karvonen2025saebench` (after Chanin et al.), with its thresholds as
+    The pipeline of SAEBench (Karvonen et al. 2025, after Chanin et al. 2024), with its thresholds as
     defaults:
 
     1. the ground-truth probe (:func:`concept_probe`) on ``X``; if its held-out F1 is not above
@@ -614,7 +620,11 @@ def saebench_absorption(
     X : array (n_samples, n_features)
         Activations (what the probe reads; SAEBench does not centre them).
     D : array (n_atoms, n_features)
-        Decoder directions (rows; any nonzero norms), e.g. an SAE's ``W_dec``.
+        Decoder directions (rows; any nonzero norms), e.g. an SAE's ``W_dec``. SAEBench's
+        :math:`z\cos` is a latent's actual contribution to :math:`P_n` only for unit rows: to
+        compare an SAE whose rows are not unit with exact codes, give both in the unit-norm
+        view (rows :math:`d_k/\|d_k\|`, codes :math:`z_{nk}\|d_k\|`, as
+        :func:`companion.encode` works).
     Z : array (n_samples, n_atoms)
         Nonnegative codes on ``D``: an SAE's encoder codes, or exact codes from
         :func:`companion.encode` on the same dictionary.
