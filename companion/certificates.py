@@ -55,16 +55,17 @@ def default_certificate_tol(dtype: torch.dtype) -> float:
 
 
 def verdict(t1: float, t2: float, huber_gap: float, tol: float, *, n_used: int,
-            bias_stationarity: float | None = None) -> str:
+            bias_stationarity: float | None = None, negative_codes: bool = False) -> str:
     """The certificate in words (THEORY vocabulary).
 
-    * ``"global optimum (T4 Huber bound met)"`` when ``huber_gap <= tol``: no unit-norm
-      dictionary of any size, with any codes, has a lower loss at this centring;
+    * ``"global optimum (T4 Huber bound met)"`` when ``huber_gap <= tol`` and the codes are
+      nonnegative (the bound holds for ``Z ≥ 0`` only): no unit-norm dictionary of any size,
+      with any codes, has a lower loss at this centring;
     * ``"certified stationary point"`` when T1, T2 (and, with a fitted bias, its
       stationarity) are at most ``tol``; with no atom used this is said to be vacuous;
     * otherwise which condition fails.
     """
-    if huber_gap <= tol:
+    if huber_gap <= tol and not negative_codes:
         return "global optimum (T4 Huber bound met)"
     fails = []
     if t1 > tol:
@@ -303,6 +304,7 @@ class _Running:
         self.nnz = 0
         self.loss_sum = self.dual_sum = self.huber_sum = self.xsq = self.rsq = 0.0
         self.t1 = self.rmax = 0.0
+        self.negative = False
         self.pool = D.new_zeros(0, d)
         self.pool_norm = D.new_zeros(0)
 
@@ -319,6 +321,7 @@ class _Running:
         viol = torch.maximum(viol, (-Z).clamp(min=0))
         self.atom_t1 = torch.maximum(self.atom_t1, viol.max(0).values)
         self.t1 = max(self.t1, float(viol.max()))
+        self.negative = self.negative or bool((Z < 0).any())
         self.maxcorr = torch.maximum(self.maxcorr, G.max(0).values)
         self.V += Z.T @ R
         self.zsum += Z.sum(0)
@@ -393,7 +396,8 @@ class _Running:
             n_candidates=int(self.pool.shape[0]), t1_violation_lam=self.t1 / lam,
             l0=self.nnz / N, fvu=fvu, huber_bound=hub, huber_gap=loss - hub,
             bias_stationarity=bias_stat, tol=tol,
-            verdict=verdict(self.t1, t2, loss - hub, tol, n_used=n_used, bias_stationarity=bias_stat),
+            verdict=verdict(self.t1, t2, loss - hub, tol, n_used=n_used, bias_stationarity=bias_stat,
+                            negative_codes=self.negative),
         )
 
 

@@ -152,6 +152,12 @@ def test_huber_bound_and_gap_are_reported_and_name_the_verdict():
     wide = certify(W, W / np.linalg.norm(W, axis=1, keepdims=True), 0.3)
     assert abs(wide.huber_gap) <= 1e-10
     assert wide.verdict == "global optimum (T4 Huber bound met)"
+    # signed codes can go below the bound (it needs Z >= 0): never called a global optimum
+    Wn = W / np.linalg.norm(W, axis=1, keepdims=True)
+    Zs = np.diag(np.linalg.norm(W, axis=1) - 0.3)
+    Zs[0, 1] = -0.5
+    signed = certify(W, Wn, 0.3, Zs)
+    assert signed.huber_gap < 0 and not signed.verdict.startswith("global optimum")
 
 
 def test_stationary_point_verdict_says_stationary_not_optimal():
