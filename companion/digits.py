@@ -246,7 +246,7 @@ def class_groups(X: Any, labels: Any, n_groups: int) -> list[list[int]]:
 
 @dataclass
 class SAEStudy:
-    r"""One SAE on one data set, certified and compared with a certified optimum (Chapter 7).
+    r"""One SAE on one data set, certified and compared with a certified stationary point (Chapter 7).
 
     Attributes
     ----------
@@ -266,6 +266,8 @@ class SAEStudy:
         certified stationary point reached by monotone descent from the SAE's dictionary.
     huber : float
         The wide-limit lower bound :math:`\frac1N\sum_n h_\lambda(\|x_n\|)` (T4) on ``X``.
+    loss_history : list of float
+        The SAE's minibatch loss after every Adam step (to judge whether training plateaued).
     """
 
     n_latents: int
@@ -278,6 +280,7 @@ class SAEStudy:
     certificate: SAECertificate
     fit: DictionaryFit | None
     huber: float
+    loss_history: list
 
     @property
     def sae_loss(self) -> float:
@@ -293,7 +296,7 @@ class SAEStudy:
 def study_sae(X: Any, n_latents: int, lam: float, *, steps: int = 1000, lr: float = 3e-3,
               batch_size: int = 256, seed: int = 0, fit: bool = True, fit_tol: float = 1e-6,
               fit_max_iter: int = 500) -> SAEStudy:
-    r"""Train an SAE, certify it, and descend from its dictionary to a certified optimum (Chapter 7).
+    r"""Train an SAE, certify it, and descend from its dictionary to a certified stationary point (Chapter 7).
 
     1. :func:`companion.train_sae` (Adam on the SAE loss; in the dtype of ``X``);
     2. :func:`companion.certify_sae`: certificates of its codes and of exact codes for its
@@ -315,4 +318,5 @@ def study_sae(X: Any, n_latents: int, lam: float, *, steps: int = 1000, lr: floa
     fitted = (fit_dictionary(Xc, n_latents, lam, init=D, tol=fit_tol, max_iter=fit_max_iter,
                              progress=False) if fit else None)
     return SAEStudy(n_latents=n_latents, lam=lam, sae=sae, X=Xc, D=D, Z=Z, Z_exact=Z_exact,
-                    certificate=cert, fit=fitted, huber=huber_bound(Xc, lam))
+                    certificate=cert, fit=fitted, huber=huber_bound(Xc, lam),
+                    loss_history=list(res.loss_history))

@@ -63,3 +63,12 @@ def test_bad_types_are_named():
         digits_activations(seed=0.5)
     with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.float64"):
         digits_activations(dtype=torch.float16)
+
+
+def test_study_sae_keeps_the_loss_curve_and_orders_the_ladder(small):
+    from companion.digits import study_sae
+
+    X = small.activations[:300]
+    s = study_sae(X, 6, 0.5, steps=50, batch_size=64, fit=True, fit_max_iter=500)
+    assert len(s.loss_history) == 50
+    assert s.sae_loss >= s.exact_loss >= s.fit.loss - 1e-12 >= s.huber - 1e-12
