@@ -119,8 +119,11 @@ def default_chunk_size(n_atoms: int) -> int:
 
 
 def _row_norms(X: torch.Tensor) -> torch.Tensor:
-    """``‖x_n‖`` without overflow or underflow of the squares (rows scaled by their max)."""
-    s = X.abs().amax(1, keepdim=True) if X.shape[1] else X.new_ones(X.shape[0], 1)
+    """``‖x_n‖`` without overflow of the squares (rows scaled by their max if needed)."""
+    nrm = X.norm(dim=1)
+    if not X.shape[1] or bool(torch.isfinite(nrm).all()):
+        return nrm
+    s = X.abs().amax(1, keepdim=True)
     s = torch.where(s > 0, s, torch.ones_like(s))
     return (X / s).norm(dim=1) * s.squeeze(1)
 

@@ -283,3 +283,117 @@ def test_long_supports_grow_faster_with_the_same_codes(monkeypatch):
     assert info.n_iter < info2.n_iter
     np.testing.assert_allclose(Z, Z2, atol=1e-8)
     assert certify(X, D, 0.1, Z).t1_violation <= 1e-9
+
+
+def t1_per_row(X, D, Z, lam):
+    """Independent T1 violation of each row, recomputed in float64 from the residual."""
+    X, D, Z = (np.asarray(a, dtype=np.float64) for a in (X, D, Z))
+    g = (X - Z @ D) @ D.T - lam
+    return np.where(Z > 0, np.abs(g), np.maximum(g, 0)).max(1)
+
+
+def test_tolerance_is_per_row_and_in_units_of_lambda():
+    """One large row does not loosen the others: every row meets tol * lam on its own."""
+    X, D = make_problem(60, 10, 40, 40)
+    lam = 0.1
+    Xo = X.copy()
+    Xo[0] *= 1e4
+    Z, info = encode(Xo, D, lam, return_info=True)
+    assert info.converged and info.tol == 1e-8
+    v = t1_per_row(Xo, D, Z, lam)
+    assert v[1:].max() <= 1e-8 * lam
+    assert abs(info.kkt_violation_lam - info.max_kkt_violation / lam) <= 1e-12
+    np.testing.assert_allclose(Z[1:], encode(X, D, lam)[1:], atol=1e-9)
+
+
+def test_float32_outlier_row_warns_and_keeps_other_rows_exact():
+    """A BOS-like row of norm 3000 in float32: its tolerance cannot be resolved (rounding
+    alone is ~eps*3000 = 3.6e-4 > 1e-3 * lam): a ConvergenceWarning names the dtype, that
+    row is exact to rounding (not lambdas off), and every other row is certified."""
+    X, D = make_problem(200, 32, 128, 41)
+    lam = 0.1
+    X = X.astype(np.float32)
+    D = D.astype(np.float32)
+    X[7] *= 3000.0 / np.linalg.norm(X[7])
+    with pytest.warns(ConvergenceWarning, match="float32 rounding"):
+        Z, info = encode(X, D, lam, return_info=True)
+    assert not info.converged and info.n_unconverged_rows == 1 and info.n_dtype_limited_rows == 1
+    assert abs(info.dtype_limited_norm - 3000) <= 1
+    v = t1_per_row(X, D, Z, lam) / lam
+    others = np.delete(v, 7)
+    assert others.max() <= 1e-3                           # the requested tol, row by row
+    assert 1e-3 < info.kkt_violation_lam <= 0.1           # rounding level, not 3 lambda
+    assert v[7] <= 0.1
+
+
+def test_huge_inputs_warn_instead_of_zero_codes():
+    """X * 1e200: no infinite tolerance, no all-zero 'converged' codes. The problem is
+    lam ~ 1e-201 relative to the rows (nonnegative least squares): the residuals are X's
+    NNLS residuals times 1e200 and the warning says float64 cannot resolve the tolerance."""
+    X, D = make_problem(12, 8, 20, 42)
+    lam = 0.1
+    with pytest.warns(ConvergenceWarning, match="float64 rounding"):
+        Z, info = encode(X * 1e200, D, lam, return_info=True)
+    assert not info.converged and np.isfinite(Z).all() and (Z > 0).any()
+    assert info.kkt_violation_lam > 1e100
+    for n in range(3):                  # NNLS codes need not be unique; residuals are
+        ref, rnorm = scipy.optimize.nnls(D.T, X[n])
+        assert abs(np.linalg.norm(X[n] - Z[n] / 1e200 @ D) - rnorm) <= 1e-9 * np.linalg.norm(X[n])
+
+
+def test_tiny_lambda_is_not_silently_converged():
+    """lam = 1e-12: T1 <= 1e-8 * lam is below float64 rounding of rows of norm ~2; the
+    warning fires and EncodeInfo's T1 in units of lambda matches an independent recomputation."""
+    X, D = make_problem(30, 8, 24, 43)
+    lam = 1e-12
+    with pytest.warns(ConvergenceWarning, match="float64 rounding"):
+        Z, info = encode(X, D, lam, return_info=True)
+    assert not info.converged and info.n_dtype_limited_rows > 0
+    v = t1_per_row(X, D, Z, lam) / lam
+    assert v.max() > 1e-8
+    assert 0.1 <= info.kkt_violation_lam / v.max() <= 10     # same size, other rounding
+    ref = np.stack([scipy.optimize.nnls(D.T, x)[0] for x in X[:3]])
+    assert (objective(X[:3], D, Z[:3], lam) <= objective(X[:3], D, ref, lam) + 1e-15).all()
+
+
+def test_warm_start_init_codes_and_supports():
+    """init= (codes or boolean supports) gives the same exact codes in fewer rounds; the old
+    Z0= spelling still works; both at once is refused."""
+    X, D = make_problem(150, 16, 64, 44, s=4)
+    lam = 0.05
+    Z, info = encode(X, D, lam, return_info=True)
+    rng = np.random.default_rng(1)
+    Zp = np.abs(Z * (1 + 0.2 * rng.standard_normal(Z.shape)))
+    Zi, info_i = encode(X, D, lam, init=Zp, return_info=True)
+    Zs, info_s = encode(X, D, lam, init=Z > 0, return_info=True)
+    Zt = encode(torch.from_numpy(X), torch.from_numpy(D), lam, init=torch.from_numpy(Z > 0))
+    for W in (Zi, Zs, Zt.numpy(), encode(X, D, lam, Z0=Zp)):
+        np.testing.assert_allclose(W, Z, atol=1e-9)
+    assert info_i.n_iter < info.n_iter and info_s.n_iter < info.n_iter
+    with pytest.raises(ValueError, match="init"):
+        encode(X, D, lam, init=Zp, Z0=Zp)
+    with pytest.raises(ValueError, match="init"):
+        encode(X, D, lam, init=Zp[:, :5])
+
+
+@pytest.mark.parametrize("gram", [True, False])
+def test_bitwise_independent_of_thread_count(monkeypatch, gram):
+    """The codes are the same bits on 1 and 2 threads (and so whatever the machine's load
+    does to OpenMP's team size), on both correlation paths and from a warm start."""
+    import companion.coding as coding
+    if not gram:
+        monkeypatch.setattr(coding, "_GRAM_ENTRIES", 0)
+    X, D = make_problem(700, 24, 300, 45, s=6)
+    Xt, Dt = torch.from_numpy(X), torch.from_numpy(D)
+    n = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            Z = encode(Xt, Dt, 0.05)
+            out.append((Z, encode(Xt, Dt, 0.05, init=(Z > 0) & (torch.rand(Z.shape, generator=torch.Generator().manual_seed(0)) < 0.5)),
+                        encode(Xt.float(), Dt.float(), 0.05)))
+    finally:
+        torch.set_num_threads(n)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
