@@ -73,7 +73,7 @@ def partial_absorption(device, quick):
                 c = fit.certificate
                 cos_opt, rep_opt = measure(data, fit.D, fit.Z)
                 # the same ansatz on these very samples: no sampling error left in the comparison
-                same = companion.predict_partial_absorption_empirical(
+                same = companion.hierarchy.predict_partial_absorption_empirical(
                     data.a[data.has_child], data.b[data.has_child], lam)
                 n_child = int(data.has_child.sum())
                 sae = train_sae_without_bias(data.X, 4, lam, seed, steps=steps)
