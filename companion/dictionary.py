@@ -519,19 +519,19 @@ class _Fit:
 
     # -- Riemannian L-BFGS -----------------------------------------------------------------
     def evaluate(self, D, b, Z):
-        """Exact warm codes at ``(D, b)``: (Z, loss, R, gradient rows, per-row scaling)."""
+        """Exact warm codes at ``(D, b)``: ``(Z, loss, R, G, M, zsum, V)`` with the Euclidean
+        gradient rows ``G``, the per-row curvature scale ``M`` and ``V = ZᵀR``."""
         Xc = self.X if b is None else self.X - b
         Z = self.enc(Xc, D, Z)
         loss, R = _loss(Xc, D, Z, self.lam)
         V = Z.T @ R                                      # Σ_n z_kn r_n = -N ∇_{d_k} F
         zsum = Z.sum(0)
-        scale = (Z * Z).sum(0) + self.lam * zsum         # ‖z_k‖² + λ‖z_k‖₁
         G = -V / self.n
-        M = scale / self.n                               # per-atom curvature scale
+        M = ((Z * Z).sum(0) + self.lam * zsum) / self.n  # (‖z_k‖² + λ‖z_k‖₁) / N
         if b is not None:
             G = torch.cat([G, -R.mean(0, keepdim=True)])
             M = torch.cat([M, M.new_ones(1)])
-        return Z, loss, R, G, M, zsum, V, scale
+        return Z, loss, R, G, M, zsum, V
 
     def tangent(self, D, U):
         """Project the atom rows of ``U`` onto the tangent spaces of the spheres at ``D``."""
@@ -550,7 +550,7 @@ class _Fit:
     def lbfgs_phase(self):
         """Quasi-Newton steps until a stop; ``"floor"`` when no decrease can be found."""
         D, b = self.D, self.b
-        Z, loss, R, G, M, zsum, V, scale = self.evaluate(D, b, self.Z)
+        Z, loss, R, G, M, zsum, V = self.evaluate(D, b, self.Z)
         self.Z, self.loss, self.zsum = Z, loss, zsum
         g = self.tangent(D, G)
         pairs = []                                       # (s, y, 1/(sᵀy))
@@ -562,7 +562,7 @@ class _Fit:
                 return
             if self.try_new_atom(R):
                 D = self.D
-                Z, loss, R, G, M, zsum, V, scale = self.evaluate(D, b, Z)
+                Z, loss, R, G, M, zsum, V = self.evaluate(D, b, Z)
                 self.Z, self.loss, self.zsum = Z, loss, zsum
                 g = self.tangent(D, G)
                 pairs = []
@@ -589,7 +589,7 @@ class _Fit:
             if step is None:
                 self.D, self.b = D, b
                 return "floor"
-            alpha, Dn, bn, (Zn, loss_n, Rn, Gn, Mn, zsumn, Vn, scalen) = step
+            alpha, Dn, bn, (Zn, loss_n, Rn, Gn, Mn, zsumn, Vn) = step
             gn = self.tangent(Dn, Gn)
             s = self.tangent(Dn, alpha * p)
             y = gn - self.tangent(Dn, g)
@@ -597,8 +597,7 @@ class _Fit:
             if sy > 1e-12 * float(s.norm()) * float(y.norm()):
                 pairs.append((s, y, 1.0 / sy))
                 pairs = pairs[-_MEMORY:]
-            D, b, Z, loss, R, G, M, zsum, V, scale, g = Dn, bn, Zn, loss_n, Rn, Gn, Mn, zsumn, Vn, \
-                scalen, gn
+            D, b, Z, loss, R, G, M, zsum, V, g = Dn, bn, Zn, loss_n, Rn, Gn, Mn, zsumn, Vn, gn
             self.D, self.b, self.Z, self.loss, self.zsum = D, b, Z, loss, zsum
 
     @staticmethod
