@@ -737,7 +737,7 @@ class SplittingPrediction:
 
 
 def predict_splitting(tree: ConceptTree, lam: float, n_atoms: int) -> SplittingPrediction:
-    r"""Predict the optimal dictionary of ``n_atoms`` atoms for a concept tree (Chapter 3).
+    r"""Predict the best lone-atom (centroid) dictionary of ``n_atoms`` atoms for a concept tree (Chapter 3).
 
     With fewer atoms than leaves every atom has to code several leaves. The prediction takes
     T2a literally: each atom codes a group of leaves alone and sits at that group's weighted

@@ -1,7 +1,7 @@
 """Local moves around a dictionary: curvature, dead atoms, new atoms and splits (THEORY §3; Chapter 2).
 
 Chapter 2 derives first-order conditions (T1 for the codes, T2 for the atoms) that every
-optimum of the joint problem satisfies. They certify *stationarity*. This module holds the
+local minimum of the joint problem satisfies. They certify *stationarity*. This module holds the
 tools that go one step further and ask what a small move of the dictionary does to the value
 function :math:`F(D) = \\frac1N\\sum_n f(x_n; D)`:
 

@@ -9,8 +9,8 @@ error) and the same ansatz solved on the very samples drawn
 the joint problem (``companion.fit_dictionary``, best of its restarts) and vanilla SAEs with the
 decoder bias held at zero. A closing summary gives, per spread and λ, the mean and spread
 over seeds of the fitted rate minus each prediction.
-Part 2 (splitting): the (3, 2) concept tree (root, 3 groups, 6 leaves), certified optima for
-K = 1 .. 8 next to ``companion.predict_splitting``.
+Part 2 (splitting): the (3, 2) concept tree (root, 3 groups, 6 leaves), certified stationary
+points (best of the restarts) for K = 1 .. 8 next to ``companion.predict_splitting``.
 
 Writes ``absorption_grid.csv``, ``splitting.csv`` and ``absorption_grid.png`` into ``--out``
 (default: the current directory) and prints the same tables. ``--quick`` shrinks everything
