@@ -27,8 +27,11 @@ columns: because ``‖c_k‖ = 1`` the subproblem in one column ``w`` is
 soft-threshold of the one-sided soft-threshold,
 ``w ← (1 − Nμ/‖u‖)_+ · u`` with ``u = (v − λ)_+``. Sweeps run over a working set (open
 columns plus the most violated dual constraints). Coordinate descent identifies the support;
-an active-set Newton step on that support (the objective is smooth there) then finishes,
-because nearly collinear candidates make first-order steps crawl. ``method="fista"`` uses
+projected Newton steps on the open columns (the objective is smooth there apart from
+``Z ≥ 0``) then finish, because nearly collinear candidates make first-order steps crawl. The
+support Hessian is one small Gram block per sample plus one rank-one term per open column,
+so each Newton system is solved exactly by the Woodbury identity at the cost of the
+samples' blocks and an (open columns)² matrix. ``method="fista"`` uses
 accelerated proximal gradient with the same prox (step ``1/λ_max(CᵀC)``), adaptive gradient
 restarts and the same Newton finish: whole-matrix steps that suit a GPU, but on the CPU it
 is far slower than ``bcd`` on coherent candidate sets (``bench/bench_convex.py --fista``).
