@@ -23,10 +23,12 @@ from .matching import AtomMatching, cosine_matrix, match_atoms
 from .absorption import (AbsorptionReport, ConceptProbe, KSparseProbing, SAEBenchAbsorption,
                          absorption, concept_probe, k_sparse_probing, saebench_absorption)
 from .second_order import (AtomHessian, GroupCurvature, atom_hessian, group_curvature,
-                           new_atom_bound, rotate_atom, split_atom, split_rate)
+                           SphereMinimisation, minimize_on_spheres, new_atom_bound, rotate_atom,
+                           split_atom, split_rate, value_gradient)
 from .hierarchy import (ConceptTree, ParentChildData, PartialAbsorptionPrediction,
                         SplittingPrediction, ansatz_child_cost, ansatz_codes, concept_tree,
-                        group_atom, parent_child, predict_partial_absorption, predict_splitting)
+                        group_atom, parent_child, predict_partial_absorption,
+                        predict_partial_absorption_empirical, predict_splitting)
 from .residuals import (AmortisationSplit, AtomMeanResiduals, LinearPredictability,
                         ResidualSplit, amortisation_split, atom_mean_residuals,
                         linear_predictability, split_residuals)
@@ -96,6 +98,7 @@ __all__ = [
     "group_atom",
     "parent_child",
     "predict_partial_absorption",
+    "predict_partial_absorption_empirical",
     "predict_splitting",
     "AtomHessian",
     "GroupCurvature",
@@ -105,6 +108,9 @@ __all__ = [
     "rotate_atom",
     "split_atom",
     "split_rate",
+    "SphereMinimisation",
+    "minimize_on_spheres",
+    "value_gradient",
     "AmortisationSplit",
     "AtomMeanResiduals",
     "LinearPredictability",
