@@ -68,7 +68,7 @@ def repository_url(root: pathlib.Path = ROOT) -> str:
 
 
 # Chapters whose Colab install needs an optional extra of the package (pyproject.toml).
-CHAPTER_EXTRAS = {"ch08_language_model": "lm"}
+CHAPTER_EXTRAS = {"ch08_language_model": "lm,saelens", "howto_certify": "saelens"}
 
 
 def setup_cell_source(chapter: str = "", url: str | None = None) -> str:
