@@ -22,8 +22,7 @@ over the product of spheres (and, with ``fit_bias=True``, over an unpenalised de
    active-set rounds from the previous ones (a descent step: every iterate of the encoder is
    feasible and lowers the objective), and an extrapolation step on ``D`` with a monotone
    safeguard speeds up the linear tail.
-2. **Riemannian L-BFGS** once the T2 violation is below ``1e-2`` and a sweep (now with
-   exact codes) fails to halve it. The gradient of ``F_b`` is
+2. **Riemannian L-BFGS** once the T2 violation is below ``1e-2``. The gradient of ``F_b`` is
    Danskin's (Chapter 2): ``∇_{d_k} F = -(1/N) Σ_n z_kn r_n`` and ``∇_b F = -(1/N) Σ_n r_n``,
    taken at exact codes from one warm-started encode per evaluation; its projection onto the
    tangent space of the spheres is the Riemannian gradient. The quasi-Newton direction comes
@@ -68,9 +67,6 @@ __all__ = ["DictionaryFit", "fit_dictionary"]
 _PARTIAL_ROUNDS = 3
 #: T2 violation below which every encode is exact and the quasi-Newton phase starts.
 _EXACT_BELOW = 1e-2
-#: With exact codes, the sweeps hand over to L-BFGS once an iteration fails to reduce T2 by
-#: this factor (on sparse data sweeps converge fast; where the landscape is flat they crawl).
-_CRAWL = 0.5
 #: Pairs kept by L-BFGS.
 _MEMORY = 30
 #: Armijo constant and the most backtracking steps of one line search.
@@ -215,10 +211,9 @@ def fit_dictionary(
     ``tol`` (and, with a bias, :math:`\|\frac1N\sum_n r_n\|\le` ``tol``, its stationarity
     condition, Chapter 1) at exact codes (T1). While that violation exceeds ``1e-2``,
     ``n_sweeps`` block sweeps :math:`d_k\leftarrow\mathrm{normalise}(\sum_n z_{kn}e_n^{(k)})`
-    (T2 in centroid form) alternate with three active-set rounds of the codes, then with exact
-    codes; once a sweep fails to halve T2, Riemannian L-BFGS on the spheres takes over, each
-    evaluation one warm-started exact encode and Danskin's gradient (see the module
-    docstring). The loss never increases.
+    (T2 in centroid form) alternate with three active-set rounds of the codes; then
+    Riemannian L-BFGS on the spheres takes over, each evaluation one warm-started exact
+    encode and Danskin's gradient (see the module docstring). The loss never increases.
 
     Parameters
     ----------
@@ -261,8 +256,7 @@ def fit_dictionary(
     init_bias : array (n_features,), optional
         Starting bias when ``fit_bias`` (default: the data mean).
     method : "lbfgs" or "sweeps"
-        ``"lbfgs"``: block sweeps, then Riemannian L-BFGS below T2 = ``1e-2`` once the
-        sweeps slow down (the default);
+        ``"lbfgs"``: block sweeps, then Riemannian L-BFGS below T2 = ``1e-2`` (the default);
         ``"sweeps"``: block sweeps with exact codes to the end (the alternating
         minimisation of earlier versions).
     n_threads : int or None
@@ -468,8 +462,7 @@ class _Fit:
         return self
 
     def sweep_phase(self, R):
-        """Block sweeps to the end (``method='sweeps'``) or, with exact codes below T2 = 1e-2,
-        until an iteration fails to halve T2 (``method='lbfgs'``); True: stop."""
+        """Block sweeps until T2 <= 1e-2 (``method='lbfgs'``) or to the end; True: stop."""
         X, lam = self.X, self.lam
         beta = 1.0
         while True:
@@ -481,13 +474,12 @@ class _Fit:
             if not self.exact and t2 <= max(_EXACT_BELOW, self.tol):
                 self.exact = True
                 R = self.set_codes(self.enc(Xc, self.D, Z))
+                if self.method == "lbfgs":
+                    return False
                 Z = self.Z
                 A, B = Z.T @ Xc, Z.T @ Z
                 t2 = _t2(A - B @ self.D, B.diagonal(), self.zsum, self.D, lam)
                 bias_v = self.bias_violation(R)
-            elif (self.exact and self.method == "lbfgs" and self.t2h
-                  and t2 > _CRAWL * self.t2h[-1] and t2 > self.tol):
-                return False                 # the sweeps crawl: quasi-Newton takes over
             state = self.record(t2, bias_v)
             if state is True:
                 return True
