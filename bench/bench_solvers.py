@@ -1,31 +1,49 @@
-"""Benchmark of companion's solvers against scikit-learn (a script, not a test).
+"""Benchmark of companion's exact codes against the fastest peers (a script, not a test).
 
-Prints, measured in one run:
-  (1) encode vs sklearn.decomposition.sparse_encode(lasso_cd, positive=True) on the same
-      problem (n=4096, d=64, k=512, λ=0.1): both times, the ratio, the objectives, the
-      certificate, and encode's time as a multiple of one X @ D.T product;
-  (1b) the same at SAE-like scale (d=512, k=8192, about 90 active atoms per sample);
-  (2) fit_dictionary vs sklearn DictionaryLearning(positive_code=True, cd/lasso_cd):
-      final objectives, time for ours to reach sklearn's final objective, certificates;
-  (3) peak memory of certify on n and 10n rows at a fixed chunk size (child processes).
-A GPU ratio is added when CUDA is available.
+Prints, measured in one run (dictionary learning is in ``bench/bench_dictionary.py``):
+  (a) n=4096, d=64, k=512, λ=0.1 (about 5 active atoms a row) and
+  (b) n=512, d=384, k=4096, λ=0.1 (about 32 active atoms a row):
+      ``companion.encode`` against SPAMS ``lasso(pos=True)`` (LARS homotopy), scikit-learn
+      ``sparse_encode(algorithm="lasso_cd", positive=True)``, skglm and celer ``Lasso(positive=
+      True)``, timed in alternating rounds (every tool once per round, so that a slow spell
+      of a shared machine hits all of them); min and median per tool, ratios to ours, each
+      objective's relative difference from ours, and ours in units of one ``X @ D.T``;
+  (c) a warm start: exact codes of an SAE-like problem (d=384, K=4096, float32) from the
+      SAE's own encoder codes (``init=``) against a cold start, streamed in chunks, with the
+      peak memory of the streaming run (child process);
+  (d) peak memory of ``certify`` on n and 10n rows at a fixed chunk size (child processes).
+With CUDA present it adds GPU throughput (rows/s of ``encode`` and ``certify`` at d=768,
+K=24576, float32).
 
-Run:  PYTHONPATH=. python bench/bench_solvers.py
+All peers solve our problem ½‖x - zD‖² + λ1ᵀz, z ≥ 0, per row: SPAMS' mode-2 penalty is
+exactly that with ``lambda1=λ``; sklearn's lasso_cd divides alpha by n_features internally,
+so ``alpha=λ``; skglm and celer minimise (1/(2 n_samples))‖y - Xw‖² + α‖w‖₁ with the row as
+y (n_samples = d), so ``alpha=λ/d``. skglm and celer fit one row per call: they are timed
+on a subset of rows and their times scaled to all rows (printed as such).
+
+The OpenMP wait policy is printed: on a loaded machine the default spin-waiting of torch's
+threads costs several times the work (``OMP_WAIT_POLICY=PASSIVE`` avoids it).
+
+Run:  PYTHONPATH=. python bench/bench_solvers.py [--rounds 5] [--sae-rows 10000]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from companion import certify, encode, fit_dictionary  # noqa: E402
+from companion import certify, encode  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def make_data(n, d, k, s=5, noise=0.01, seed=0, dtype=torch.float64):
@@ -44,28 +62,11 @@ def make_data(n, d, k, s=5, noise=0.01, seed=0, dtype=torch.float64):
 
 
 def objective(X, D, Z, lam):
+    """Mean per-row objective ½‖x - zD‖² + λ1ᵀz (float64)."""
+    X, D, Z = (torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).double()
+               for a in (X, D, Z))
     R = X - Z @ D
     return float((0.5 * (R * R).sum(1) + lam * Z.sum(1)).mean())
-
-
-def best_time(f, repeat=3):
-    f()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
-
-
-def gpu_encode_time(X, D, lam, repeat=3):
-    """Best time of ``encode`` on the GPU (synchronised), and the codes it returns."""
-    Xc, Dc = X.cuda(), D.cuda()
-
-    def run():
-        encode(Xc, Dc, lam)
-        torch.cuda.synchronize()
-    return best_time(run, repeat=repeat), encode(Xc, Dc, lam)
 
 
 def timed(f):
@@ -74,116 +75,161 @@ def timed(f):
     return out, time.perf_counter() - t
 
 
-def part1(lam=0.1, rounds=5):
+def best_time(f, repeat=3):
+    f()
+    ts = []
+    for _ in range(repeat):
+        _, t = timed(f)
+        ts.append(t)
+    return min(ts)
+
+
+# -- the peers: each takes numpy X (n, d), D (k, d) and returns dense codes (n, k) ----------
+
+def spams_lasso(X, D, lam):
+    import spams
+    A = spams.lasso(np.asfortranarray(X.T), D=np.asfortranarray(D.T), lambda1=lam, mode=2,
+                    pos=True, numThreads=torch.get_num_threads())
+    return A.toarray().T
+
+
+def sklearn_cd(X, D, lam):
     from sklearn.decomposition import sparse_encode
-    print("(1) encode vs sklearn sparse_encode(algorithm='lasso_cd', positive=True)")
-    n, d, k = 4096, 64, 512
-    X, D = make_data(n, d, k)
+    return sparse_encode(X, D, alpha=lam, algorithm="lasso_cd", positive=True, max_iter=10000)
+
+
+def _per_row(model, X, D):
+    Z = np.zeros((X.shape[0], D.shape[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, x in enumerate(X):
+            Z[i] = model.fit(D.T, x).coef_
+    return Z
+
+
+def skglm_lasso(X, D, lam):
+    from skglm import Lasso
+    return _per_row(Lasso(alpha=lam / X.shape[1], positive=True, fit_intercept=False, tol=1e-12,
+                          max_iter=200), X, D)
+
+
+def celer_lasso(X, D, lam):
+    from celer import Lasso
+    return _per_row(Lasso(alpha=lam / X.shape[1], positive=True, fit_intercept=False, tol=1e-12,
+                          max_iter=200), X, D)
+
+
+def encode_table(name, X, D, lam, rounds, subset):
+    """One problem: every tool once per round, in alternation; print the table."""
+    n, d = X.shape
+    k = D.shape[0]
     Xn, Dn = X.numpy(), D.numpy()
-    # sklearn's lasso_cd minimises (1/(2 d))||x - zD||^2 + (alpha/d)||z||_1 internally
-    # (it divides alpha by n_features), so alpha = lam solves exactly our problem.
-    # The two are timed in alternation (sklearn once, ours best of 3, per round), so that a
-    # slow spell of a shared machine hits both; the ratios of the minima and of the
-    # medians over the rounds are printed.
-    ts_sk, ts_ours = [], []
+    Z, info = encode(X, D, lam, return_info=True)
+    print(f"\n({name}) n={n} d={d} k={k} lambda={lam}: exact codes have "
+          f"{float((Z > 0).sum(1).double().mean()):.1f} active atoms a row on average; "
+          f"encode used {info.n_iter} active-set rounds, T1 {info.kkt_violation_lam:.1e} lambda "
+          f"(certify: {certify(X, D, lam, Z).t1_violation / lam:.1e} lambda)")
+    tools = [("companion.encode", lambda: encode(X, D, lam), n),
+             ("SPAMS lasso(pos=True)", lambda: spams_lasso(Xn, Dn, lam), n),
+             ("sklearn lasso_cd", lambda: sklearn_cd(Xn, Dn, lam), n),
+             ("skglm Lasso(positive)", lambda: skglm_lasso(Xn[:subset], Dn, lam), subset),
+             ("celer Lasso(positive)", lambda: celer_lasso(Xn[:subset], Dn, lam), subset)]
+    times = {t[0]: [] for t in tools}
+    codes = {}
+    prod = []
     for _ in range(rounds):
-        Zs, t = timed(lambda: sparse_encode(Xn, Dn, alpha=lam, algorithm="lasso_cd", positive=True))
-        ts_sk.append(t)
-        ts_ours.append(best_time(lambda: encode(X, D, lam)))
-    t_sk, t_ours = min(ts_sk), min(ts_ours)
-    ratios = sorted(a / b for a, b in zip(ts_sk, ts_ours))
-    Z = encode(X, D, lam)
-    o_ours, o_sk = objective(X, D, Z, lam), objective(X, D, torch.from_numpy(Zs), lam)
-    t1 = certify(X, D, lam, Z).t1_violation
-    t_mm = best_time(lambda: X @ D.T, repeat=10)
-    X32, D32 = X.float(), D.float()
-    t32 = best_time(lambda: encode(X32, D32, lam))
-    t_mm32 = best_time(lambda: X32 @ D32.T, repeat=10)
-    Z32 = encode(X32, D32, lam)
-    print(f"  problem n={n} d={d} k={k} lambda={lam}")
-    print(f"  sklearn sparse_encode : {t_sk:8.3f} s   objective {o_sk:.12f}   "
-          f"(fastest of {rounds}; all: {' '.join(f'{t:.3f}' for t in ts_sk)})")
-    print(f"  companion.encode f64  : {t_ours:8.3f} s   objective {o_ours:.12f}   "
-          f"(rel diff ours-sklearn {(o_ours - o_sk) / o_sk:+.2e}; certify T1 {t1:.2e})")
-    print(f"  speed-up vs sklearn   : {t_sk / t_ours:8.1f} x fastest/fastest; per round "
-          f"{' '.join(f'{r:.1f}' for r in ratios)}, median {ratios[len(ratios) // 2]:.1f} x   (target >= 10x)")
-    print(f"  encode f64 = {t_ours / t_mm:5.1f} x one X@D.T ({t_mm * 1e3:.1f} ms);  "
-          f"encode f32 {t32:.3f} s = {t32 / t_mm32:5.1f} x one f32 X@D.T ({t_mm32 * 1e3:.1f} ms); "
-          f"f32 objective rel diff {(objective(X, D, Z32.double(), lam) - o_ours) / o_ours:+.1e}")
-    if torch.cuda.is_available():
-        t_gpu, Zc = gpu_encode_time(X, D, lam)
-        print(f"  GPU ({torch.cuda.get_device_name()}) f64 encode {t_gpu:.3f} s: "
-              f"{t_sk / t_gpu:.1f} x sklearn; objective rel diff "
-              f"{(objective(X, D, Zc.cpu(), lam) - o_ours) / o_ours:+.1e}")
-    else:
-        print("  (no CUDA device: GPU ratio not measured)")
+        prod.append(best_time(lambda: X @ D.T, repeat=5))
+        for tname, f, m in tools:
+            out, t = timed(f)
+            times[tname].append(t * n / m)                  # scaled to all n rows
+            codes[tname] = out
+    ours = np.array(times["companion.encode"])
+    print(f"  {'tool':24s} {'min s':>8s} {'median s':>9s} {'min/ours':>9s} {'median/ours':>12s}"
+          f"  objective rel. diff from ours")
+    for tname, _, m in tools:
+        t = np.array(times[tname])
+        rel = (objective(Xn[:m], Dn, codes[tname], lam) - objective(Xn[:m], Dn, Z[:m], lam)) \
+            / objective(Xn[:m], Dn, Z[:m], lam)
+        note = "" if m == n else f"  (timed on {m} rows, scaled to {n})"
+        agree = "agrees" if abs(rel) <= 1e-8 else "DIFFERS"
+        print(f"  {tname:24s} {t.min():8.3f} {np.median(t):9.3f} {t.min() / ours.min():9.2f} "
+              f"{np.median(t / ours):12.2f}  {rel:+.1e} ({agree} within 1e-8){note}")
+    p = np.array(prod)
+    print(f"  one X @ D.T: {p.min() * 1e3:.1f} ms (min of the rounds); encode = "
+          f"{ours.min() / p.min():.1f} products (min/min), per round "
+          f"{' '.join(f'{a / b:.1f}' for a, b in zip(ours, p))}")
+    return ours.min()
 
 
-def part1b(lam=0.1, n=256, d=512, k=8192, s=60):
-    """SAE-like scale: long codes (about 90 active atoms of 8192) in 512 dimensions."""
-    from sklearn.decomposition import sparse_encode
-    print(f"\n(1b) the same comparison at SAE-like scale (n={n} d={d} k={k}, samples of {s} atoms, "
-          f"lambda={lam}; one round)")
-    X, D = make_data(n, d, k, s=s, seed=2)
-    Zs, t_sk = timed(lambda: sparse_encode(X.numpy(), D.numpy(), alpha=lam, algorithm="lasso_cd",
-                                           positive=True))
-    (Z, info), t_ours = timed(lambda: encode(X, D, lam, return_info=True))
-    o_ours, o_sk = objective(X, D, Z, lam), objective(X, D, torch.from_numpy(Zs), lam)
-    print(f"  sklearn {t_sk:.2f} s, companion.encode {t_ours:.2f} s: {t_sk / t_ours:.1f} x; mean "
-          f"active atoms {float((Z > 0).sum(1).double().mean()):.1f}, {info.n_iter} rounds; objective "
-          f"rel diff {(o_ours - o_sk) / o_sk:+.1e}; certify T1 ours {certify(X, D, lam, Z).t1_violation:.1e}"
-          f", sklearn {certify(X, D, lam, torch.from_numpy(Zs)).t1_violation:.1e}")
-    if torch.cuda.is_available():
-        t_gpu, _ = gpu_encode_time(X, D, lam, repeat=2)
-        print(f"  GPU ({torch.cuda.get_device_name()}) f64 encode {t_gpu:.3f} s: {t_sk / t_gpu:.1f} x sklearn")
+def sae_like(n, d=384, k=4096, l0=30, seed=0):
+    """SAE-like float32 data: rows are nonnegative combinations of ``l0`` of ``k`` unit atoms
+    with heavy-tailed (log-normal) magnitudes and noise (centred, as certify sees an SAE's
+    inputs after its decoder bias); the "SAE"
+    has the atoms perturbed by 5% noise as decoder and a tied ReLU encoder whose threshold
+    gives about ``l0`` active latents. Returns a generator of (X_chunk, sae_codes) and the
+    SAE's dictionary."""
+    g = torch.Generator().manual_seed(seed)
+    Dt = torch.randn(k, d, generator=g)
+    Dt /= Dt.norm(dim=1, keepdim=True)
+    D = Dt + 0.05 * torch.randn(k, d, generator=g) / d ** 0.5
+    D /= D.norm(dim=1, keepdim=True)
+
+    def chunks(size):
+        for s in range(0, n, size):
+            m = min(size, n - s)
+            idx = torch.randint(k, (m, l0), generator=g)
+            vals = torch.exp(0.7 * torch.randn(m, l0, generator=g)) * 0.5
+            X = (vals.unsqueeze(2) * Dt[idx]).sum(1) + 0.05 * torch.randn(m, d, generator=g)
+            yield X, torch.relu(X @ D.T - 0.4)
+    return chunks, D
 
 
-def part2(lam=0.1, n=1024, d=32, k=64, rounds=2):
-    from sklearn.decomposition import DictionaryLearning
-    print(f"\n(2) fit_dictionary vs sklearn DictionaryLearning (n={n} d={d} k={k} lambda={lam})")
-    X, _ = make_data(n, d, k, seed=1)
-    Xn = X.numpy()
-    ts_sk, reaches, totals = [], [], []
-    for _ in range(rounds):                 # alternate the two, as in (1)
-        dl = DictionaryLearning(n_components=k, alpha=lam, positive_code=True, fit_algorithm="cd",
-                                transform_algorithm="lasso_cd", transform_alpha=lam, random_state=0)
-        U, t = timed(lambda: dl.fit_transform(Xn))
-        ts_sk.append(t)
-        V = dl.components_
-        # sklearn's objective is N times ours: 0.5||X - UV||_F^2 + alpha ||U||_{1,1}
-        o_sk = objective(X, torch.from_numpy(V), torch.from_numpy(U), lam)
-        trace = []
-        t0 = time.perf_counter()
-        fit = fit_dictionary(X, k, lam, n_restarts=1, progress=False, seed=0,
-                             callback=lambda it, loss, t2: trace.append((time.perf_counter() - t0, loss)))
-        totals.append(time.perf_counter() - t0)
-        reaches.append(next((tt for tt, l in trace if l <= o_sk), None))
-    norms = np.linalg.norm(V, axis=1)
-    keep = norms > 0
-    Vn = V.copy(); Vn[keep] /= norms[keep, None]
-    Vn[~keep] = np.eye(d)[0]
-    cert_sk = certify(Xn, Vn, lam, U * norms[None, :])
-    cert_sk_exact = certify(Xn, Vn, lam)
-    t_sk = min(ts_sk)
-    print(f"  sklearn DictionaryLearning : {t_sk:8.2f} s  objective {o_sk:.10f}  "
-          f"(fastest of {rounds}: {' '.join(f'{t:.2f}' for t in ts_sk)}; n_iter {dl.n_iter_}; "
-          f"atom norms in [{norms.min():.3f}, {norms.max():.3f}])")
-    print(f"     certify(sklearn D, its codes): T1 {cert_sk.t1_violation:.2e}  T2 {cert_sk.t2_violation:.2e}"
-          f"  -> {'PASSES' if cert_sk.is_stationary(1e-6) else 'FAILS'} at 1e-6")
-    print(f"     certify(sklearn D, exact codes): T1 {cert_sk_exact.t1_violation:.2e}  "
-          f"T2 {cert_sk_exact.t2_violation:.2e}  loss {cert_sk_exact.loss:.10f}")
-    print(f"  companion.fit_dictionary   : {min(totals):8.2f} s  objective {fit.loss:.10f}  "
-          f"(n_iter {fit.n_iter}, converged {fit.converged}; T1 {fit.certificate.t1_violation:.2e}"
-          f" T2 {fit.certificate.t2_violation:.2e})")
-    if all(r is not None for r in reaches):
-        ratios = sorted(a / b for a, b in zip(ts_sk, reaches))
-        print(f"  ours reached sklearn's final objective after {min(reaches):.2f} s: "
-              f"{t_sk / min(reaches):.1f} x faster fastest/fastest, per round "
-              f"{' '.join(f'{r:.1f}' for r in ratios)} (target >= 5x); final objective "
-              f"{'lower' if fit.loss <= o_sk else 'HIGHER'} by {abs(o_sk - fit.loss) / o_sk:.2e} rel")
-    else:
-        print(f"  ours did NOT reach sklearn's objective (ours {fit.loss:.10f} vs {o_sk:.10f}); "
-              f"whole fit took {min(totals):.2f} s = {t_sk / min(totals):.1f} x sklearn's time")
+_SAE_CHILD = r"""
+import os, sys, threading, time, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads({threads})
+from bench.bench_solvers import sae_like
+from companion import encode
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page / 2**20
+chunks, D = sae_like({n})
+base = rss(); peak = [base]; stop = []
+def watch():
+    while not stop:
+        peak[0] = max(peak[0], rss()); time.sleep(0.005)
+th = threading.Thread(target=watch); th.start()
+t_enc = 0.0; worst = 0.0; l0s = l0e = 0.0; rows = 0; rounds = 0
+t0 = time.perf_counter()
+for X, Zs in chunks({chunk}):
+    t = time.perf_counter()
+    Z, info = encode(X, D, {lam}, init=Zs if {warm} else None, return_info=True)
+    t_enc += time.perf_counter() - t
+    worst = max(worst, info.kkt_violation_lam); rounds = max(rounds, info.n_iter)
+    l0s += float((Zs > 0).sum()); l0e += float((Z > 0).sum()); rows += X.shape[0]
+total = time.perf_counter() - t0
+stop.append(1); th.join()
+print(t_enc, total, peak[0] - base, worst, l0s / rows, l0e / rows, rounds)
+"""
+
+
+def part_warm(n, lam=0.1, chunk=4096, threads=2):
+    print(f"\n(c) warm start: exact codes of an SAE-like problem (float32, d=384, K=4096, "
+          f"{n} rows streamed in chunks of {chunk}, {threads} threads, random data with SAE-like "
+          f"structure, lambda={lam})")
+    for warm in (False, True):
+        code = _SAE_CHILD.format(root=ROOT, n=n, chunk=chunk, lam=lam, warm=warm, threads=threads)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": ROOT})
+        if out.returncode:
+            print("  child failed:", out.stderr[-800:])
+            continue
+        t_enc, total, extra, worst, l0s, l0e, rounds = map(float, out.stdout.split())
+        print(f"  {'warm (init = SAE codes)' if warm else 'cold start':24s}: encode {t_enc:7.2f} s "
+              f"({n / t_enc:8.0f} rows/s; with data generation and SAE codes {total:.2f} s), "
+              f"at most {rounds:.0f} rounds a chunk, T1 <= {worst:.1e} lambda, L0 SAE {l0s:.1f}, "
+              f"exact {l0e:.1f}; peak RSS above start {extra:.0f} MB")
 
 
 _CHILD = r"""
@@ -208,30 +254,67 @@ print(peak[0] - base, base, rep.t1_violation)
 """
 
 
-def part3(n=4096, chunk=1024):
-    print(f"\n(3) certify peak memory (exact codes computed inside, d=64 k=512, chunk_size={chunk})")
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+def part_memory(n=4096, chunk=1024):
+    print(f"\n(d) certify peak memory (exact codes computed inside, d=64 k=512, chunk_size={chunk})")
     for m in (n, 10 * n):
-        code = _CHILD.format(root=root, n=m, chunk=chunk)
-        t = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": root})
-        dt = time.perf_counter() - t
+        code = _CHILD.format(root=ROOT, n=m, chunk=chunk)
+        out, dt = timed(lambda: subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                               text=True, env={**os.environ, "PYTHONPATH": ROOT}))
         if out.returncode:
             print("  child failed:", out.stderr[-500:])
             continue
         extra, base, t1 = map(float, out.stdout.split())
-        print(f"  n={m:6d}: peak RSS during certify above RSS before it {extra:7.1f} MB (sampled every 2 ms; before: {base:6.1f} MB incl. X; "
-              f"T1 {t1:.1e}; {dt:.1f} s)")
+        print(f"  n={m:6d}: peak RSS during certify above RSS before it {extra:7.1f} MB (sampled "
+              f"every 2 ms; before: {base:6.1f} MB incl. X; T1 {t1:.1e}; {dt:.1f} s)")
     print(f"  (a dense Z alone would be {10 * n * 512 * 8 / 2**20:.0f} MB at 10n)")
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(2)
+def part_gpu(lam=0.1, n=16384, d=768, k=24576):
+    """GPU throughput of encode and certify (float32, synchronised timings)."""
+    print(f"\nGPU ({torch.cuda.get_device_name()}): float32, n={n} d={d} K={k}, lambda={lam}")
+    g = torch.Generator().manual_seed(3)
+    D = torch.randn(k, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    idx = torch.randint(k, (n, 32), generator=g)
+    X = ((torch.rand(n, 32, generator=g) + 0.5).unsqueeze(2) * D[idx]).sum(1) \
+        + 0.01 * torch.randn(n, d, generator=g)
+    Xc, Dc = X.cuda(), D.cuda()
+
+    def run(f):
+        def g():
+            out = f()
+            torch.cuda.synchronize()
+            return out
+        return g
+    t_enc = best_time(run(lambda: encode(Xc, Dc, lam)), repeat=2)
+    Z, info = encode(Xc, Dc, lam, return_info=True)
+    t_cert = best_time(run(lambda: certify(Xc, Dc, lam)), repeat=2)
+    print(f"  encode : {n / t_enc:10.0f} rows/s ({t_enc:.3f} s; {info.n_iter} rounds, "
+          f"T1 {info.kkt_violation_lam:.1e} lambda, L0 {float((Z > 0).sum(1).float().mean()):.1f})")
+    print(f"  certify: {n / t_cert:10.0f} rows/s ({t_cert:.3f} s, exact codes included)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
+    ap.add_argument("--sae-rows", type=int, default=10000, help="rows of the warm-start run (c)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    part1()
-    part1b()
-    part2()
-    part3()
+    X, D = make_data(4096, 64, 512)
+    encode_table("a", X, D, 0.1, args.rounds, subset=256)
+    X, D = make_data(512, 384, 4096, s=30, seed=1)
+    encode_table("b", X, D, 0.1, args.rounds, subset=32)
+    part_warm(args.sae_rows, threads=args.threads)
+    part_memory()
+    if torch.cuda.is_available():
+        part_gpu()
+    else:
+        print("\n(no CUDA device: GPU throughput not measured)")
+
+
+if __name__ == "__main__":
+    main()
