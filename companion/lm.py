@@ -394,8 +394,13 @@ def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLik
     -------
     SAELensRun
     """
-    from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
+    from tqdm import TqdmWarning
+
+    with warnings.catch_warnings():
+        # sae_lens imports tqdm.auto, which warns in a notebook without ipywidgets.
+        warnings.simplefilter("ignore", TqdmWarning)
+        from sae_lens import LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+        from sae_lens.config import SAETrainerConfig
 
     lam = check_positive(lam, "lam")
     n_latents = check_positive_int(n_latents, "n_latents")
