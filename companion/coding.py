@@ -429,7 +429,7 @@ def _encode_chunk(X, Dc, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback
     # initial supports (a warm start's, after one Lawson–Hanson descent) and their correlations
     first = p_first
     if Z0 is not None and bool((Z0 > 0).any()):
-        idx, z = _supports_of(Z0, pad, max(16, Dc.d // _ROOM_DIV))
+        idx, z = _supports_of(Z0, pad, max(32, Dc.d // 8))
         idx, z, _ = _lawson_hanson_inner(Dc, Cf, allrows, idx, z, lam, ridge)
         idx, z = _sort_support(idx, z, pad)
         first = p_add
@@ -578,7 +578,7 @@ def encode(
     init : array (n_samples, n_atoms), optional
         Warm start: nonnegative codes (e.g. an SAE's own encoder codes, or the previous
         iterate while learning a dictionary) or a boolean array of supports. Each row's
-        positive (or ``True``) entries, at most its ``max(16, n_features // 4)`` largest, seed its
+        positive (or ``True``) entries, at most its ``max(32, n_features // 8)`` largest, seed its
         active set; a good warm start saves most active-set rounds, a bad one costs a few.
     Z0 : array (n_samples, n_atoms), optional
         Former name of ``init`` (nonnegative codes); still accepted.
