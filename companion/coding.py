@@ -578,8 +578,9 @@ def encode(
     init : array (n_samples, n_atoms), optional
         Warm start: nonnegative codes (e.g. an SAE's own encoder codes, or the previous
         iterate while learning a dictionary) or a boolean array of supports. Each row's
-        positive (or ``True``) entries, at most its ``max(32, n_features // 8)`` largest, seed its
-        active set; a good warm start saves most active-set rounds, a bad one costs a few.
+        positive (or ``True``) entries, at most its ``max(32, n_features // 8)`` largest,
+        seed its active set; a good warm start saves most active-set rounds, a bad one
+        costs a few.
     Z0 : array (n_samples, n_atoms), optional
         Former name of ``init`` (nonnegative codes); still accepted.
     return_info : bool
