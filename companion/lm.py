@@ -137,7 +137,12 @@ def _load(name: str, device: str):
     """Model (eval mode, float32) and tokenizer; cached so that repeated calls load once."""
     if pathlib.Path(name).is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    from tqdm import TqdmWarning
+
+    with warnings.catch_warnings():
+        # transformers imports tqdm.auto, which warns in a notebook without ipywidgets.
+        warnings.simplefilter("ignore", TqdmWarning)
+        from transformers import AutoModel, AutoTokenizer
 
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(name)
