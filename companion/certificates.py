@@ -425,7 +425,7 @@ class _ExactCodes:
         if self.worst > 0:
             warnings.warn(
                 f"certify: exact codes did not converge: T1 violation {self.worst:.3g} = "
-                f"{self.worst / self.lam:.3g} lambda (encode tol={self.worst_tol:.3g}; the report's "
+                f"{self.worst / self.lam:.3g} lambda (encode tol={self.worst_tol:.3g} lambda; the report's "
                 "T1 columns show where)",
                 ConvergenceWarning, stacklevel=stacklevel + 1)
 
