@@ -637,8 +637,7 @@ def saebench_absorption(
         Main latents, skipping k-sparse probing.
     test, test_fraction, seed :
         The split, when no ``probe`` is given (see :func:`concept_probe`).
-    min_probe_f1, max_k, f1_jump_threshold, full_cos_threshold, fraction_cos_threshold,
-    projection_threshold, max_absorbers :
+    min_probe_f1, max_k, f1_jump_threshold, full_cos_threshold, fraction_cos_threshold, projection_threshold, max_absorbers : float or int
         SAEBench's thresholds (0.6, 10, 0.03, 0.025, 0.1, 0.4, 3).
 
     Returns
