@@ -508,6 +508,17 @@ class PartialAbsorptionPrediction:
     expected_child_cost: float = field(default=float("nan"))
 
 
+def _ansatz_root(g) -> float:
+    """The first downward zero crossing of the ansatz stationarity ``g`` on (0, π/2]."""
+    grid = np.linspace(1e-3, math.pi / 2, 160)
+    vals = [g(th) for th in grid]
+    for i in range(len(grid) - 1):
+        if vals[i] > 0 >= vals[i + 1]:
+            return optimize.brentq(g, grid[i], grid[i + 1], xtol=1e-13, rtol=1e-13)
+    # g never turns negative: the child atoms are pushed to the children themselves
+    return float(grid[-1]) if vals[-1] > 0 else float(grid[int(np.argmin(np.abs(vals)))])
+
+
 def predict_partial_absorption(
     lam: float,
     *,
@@ -554,16 +565,7 @@ def predict_partial_absorption(
     def g(th: float) -> float:
         return _expectations(th, lam, alo, ahi, blo, bhi)[0]
 
-    grid = np.linspace(1e-3, math.pi / 2, 160)
-    vals = [g(th) for th in grid]
-    root = None
-    for i in range(len(grid) - 1):
-        if vals[i] > 0 >= vals[i + 1]:
-            root = optimize.brentq(g, grid[i], grid[i + 1], xtol=1e-13, rtol=1e-13)
-            break
-    if root is None:
-        # g never turns negative: the child atoms are pushed to the children themselves
-        root = float(grid[-1]) if vals[-1] > 0 else float(grid[int(np.argmin(np.abs(vals)))])
+    root = _ansatz_root(g)
     stat, rate = _expectations(root, lam, alo, ahi, blo, bhi)
     q = 1000
     if ahi > alo:
@@ -617,15 +619,7 @@ def predict_partial_absorption_empirical(a: Any, b: Any, lam: float) -> PartialA
         rp, rc = an - zp - zu * c, bn - zu * s
         return float(np.mean(zu * (-s * rp + c * rc)))
 
-    grid = np.linspace(1e-3, math.pi / 2, 160)
-    vals = [g(th) for th in grid]
-    root = None
-    for i in range(len(grid) - 1):
-        if vals[i] > 0 >= vals[i + 1]:
-            root = optimize.brentq(g, grid[i], grid[i + 1], xtol=1e-13, rtol=1e-13)
-            break
-    if root is None:
-        root = float(grid[-1]) if vals[-1] > 0 else float(grid[int(np.argmin(np.abs(vals)))])
+    root = _ansatz_root(g)
     zp, _ = ansatz_codes(an, bn, root, lam)
     cost = float(np.mean(ansatz_child_cost(an, bn, root, lam)))
     return PartialAbsorptionPrediction(lam=lam, theta=float(root), cos_theta=math.cos(root),
