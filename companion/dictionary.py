@@ -45,7 +45,6 @@ reproducible whatever the machine's load or torch's thread setting.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -59,7 +58,7 @@ from ._validation import as_tensor, check_dictionary, check_positive, check_posi
     check_columns
 from .certificates import CertificateReport, _best_new_atom, _certify_tensor
 from .coding import ConvergenceWarning, _encode_tensor, default_chunk_size, default_tol
-from .runtime import generator
+from .runtime import cpu_threads, generator
 
 __all__ = ["DictionaryFit", "fit_dictionary"]
 
@@ -164,20 +163,6 @@ def _sweeps(A, B, D, n_sweeps, bias=None):
 def _loss(X, D, Z, lam):
     R = X - Z @ D
     return float((0.5 * (R * R).sum(1) + lam * Z.sum(1)).mean()), R
-
-
-@contextlib.contextmanager
-def _intra_op_threads(n_threads, device):
-    """Run the block with ``n_threads`` CPU intra-op threads (``None``: leave torch's setting)."""
-    before = torch.get_num_threads()
-    if n_threads is None or device.type != "cpu" or n_threads == before:
-        yield
-        return
-    torch.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def fit_dictionary(
@@ -321,7 +306,7 @@ def fit_dictionary(
     opts = dict(lam=lam, tol=tol, max_iter=max_iter, n_sweeps=n_sweeps, etol=etol,
                 chunk_size=chunk_size, resample_dead=resample_dead, extrapolate=extrapolate,
                 progress=progress, time_limit=time_limit, callback=callback, method=method)
-    with torch.no_grad(), _intra_op_threads(n_threads, Xt.device):
+    with torch.no_grad(), cpu_threads(n_threads if Xt.device.type == "cpu" else None):
         for r in range(n_restarts):
             if D0 is not None:
                 D = D0 / D0.norm(dim=1, keepdim=True)

@@ -17,7 +17,6 @@ the encoder is an amortised, one-step approximation of the exact nonnegative-las
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from tqdm import tqdm
 from ._validation import ArrayKind, as_tensor, check_positive, check_positive_int
 from .coding import encode as exact_encode
 from .losses import joint_loss, sae_codes
-from .runtime import generator
+from .runtime import cpu_threads, generator
 
 __all__ = [
     "AmortisationGap",
@@ -227,19 +226,6 @@ def _truthy_env(name: str) -> bool:
 _SMALL_MODEL = 1 << 16
 
 
-@contextlib.contextmanager
-def _cpu_threads(n: int | None):
-    """Run the block with ``n`` intra-op CPU threads (None: unchanged), then restore."""
-    before = torch.get_num_threads()
-    if n is not None and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
 def train_sae(
     X: Any,
     n_latents: int,
@@ -339,7 +325,7 @@ def train_sae(
         num_threads = None
     elif num_threads is None and n_latents * d <= _SMALL_MODEL:
         num_threads = 1
-    with _cpu_threads(num_threads):
+    with cpu_threads(num_threads):
         return _train(Xt, n_latents, lam, steps, min(batch_size, n), lr, seed, init,
                       decoder_bias, learn_decoder_bias, progress)
 

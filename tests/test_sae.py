@@ -116,7 +116,7 @@ def test_zero_decoder_bias_full_batch_is_the_plain_adam_loop(data):
         sae.W_dec.copy_(X[rows] / X[rows].norm(dim=1, keepdim=True))
         sae.W_enc.copy_(sae.W_dec.T)
     opt = torch.optim.Adam([sae.W_enc, sae.b_enc, sae.W_dec], lr=1e-2)
-    with companion.sae._cpu_threads(1):
+    with companion.runtime.cpu_threads(1):
         for _ in range(40):
             opt.zero_grad()
             sae.loss(X, LAM).backward()
