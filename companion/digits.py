@@ -34,7 +34,7 @@ from .bounds import huber_bound
 from .coding import encode
 from .dictionary import DictionaryFit, fit_dictionary
 from .interop import SAECertificate, certify_sae
-from .runtime import generator
+from .runtime import cpu_threads, generator
 from .sae import VanillaSAE, train_sae
 
 __all__ = [
@@ -169,9 +169,7 @@ def digits_activations(
     Xtr, ytr = X[is_train], y[is_train]
     # One thread: the summation order, hence every bit of the activations, is then the same
     # on machines with any number of cores (and these matrices are too small to gain from more).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with cpu_threads(1):
         for _ in range(steps):
             logits = torch.relu(Xtr @ W1 + b1) @ W2 + b2
             loss = torch.nn.functional.cross_entropy(logits, ytr)
@@ -182,8 +180,6 @@ def digits_activations(
             pre = X @ W1 + b1
             h = torch.relu(pre)
             pred = (h @ W2 + b2).argmax(1)
-    finally:
-        torch.set_num_threads(threads)
     correct = pred == y
     acc = float(correct[~is_train].double().mean())
     train_acc = float(correct[is_train].double().mean())
