@@ -19,7 +19,8 @@ be close to optimal for ``mean_n ½‖x_n - z_n D‖² + λ‖z_n‖₁`` (a wro
 codes far from it).
 
 Run:  PYTHONPATH=. python bench/bench_dictionary.py [--families a,b,c] [--rounds R]
-                                                  [--lm [--lm-tokens N] [--lm-atoms K]]
+          [--lm [--lm-tokens N] [--lm-atoms K] [--lm-sklearn-iter I] [--lm-spams-iter I]]
+(--families none --lm runs the MiniLM family alone.)
 """
 
 from __future__ import annotations
@@ -96,13 +97,14 @@ def run_ours(X, K, lam, tol=1e-6, n_restarts=1, **kw):
     return fit.D, fit.bias, {"iters": fit.n_iter, "message": fit.message, "loss": fit.loss}
 
 
-def run_sklearn(X, K, lam, max_iter):
+def run_sklearn(X, K, lam, max_iter, D0=None):
     from sklearn.decomposition import DictionaryLearning
     # sklearn minimises 0.5||X - UV||_F^2 + alpha ||U||_{1,1} with ||V_k|| <= 1: N times our
     # objective at alpha = lam (checked below against ours at its own codes).
     dl = DictionaryLearning(n_components=K, alpha=lam, positive_code=True, fit_algorithm="cd",
                             transform_algorithm="lasso_cd", transform_alpha=lam, random_state=0,
-                            max_iter=max_iter, tol=1e-10)
+                            max_iter=max_iter, tol=1e-10,
+                            dict_init=None if D0 is None else np.asarray(D0, dtype=np.float64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         U = dl.fit_transform(np.asarray(X))
@@ -189,7 +191,12 @@ def family(name, X, K, lam, rounds, peers, tol=1e-6, ours_kw=None, t2_target=1e-
     return rows, times
 
 
-def lm_family(rounds, tokens=10000, K=1536):
+def lm_family(rounds, tokens=10000, K=1536, sklearn_iter=2, spams_iter=200, time_limit=1200):
+    """MiniLM block-3 activations, ``K`` atoms started from a quick SAE's decoder (and its
+    ``b_dec`` as the starting bias, fitted jointly by ours). The peers cannot fit a bias, so
+    they run on the data centred by the SAE's ``b_dec`` from the same dictionary, capped:
+    sklearn at ``sklearn_iter`` outer iterations, SPAMS at ``spams_iter`` mini-batches of
+    256 (their T2 says how far from stationary the cap leaves them)."""
     from companion import lm_activations, train_sae
     acts = lm_activations(max_tokens=tokens, layer=3, seed=0)
     X = acts.X.double()
@@ -198,19 +205,26 @@ def lm_family(rounds, tokens=10000, K=1536):
     t0 = time.perf_counter()
     sae = train_sae(X, K, lam, steps=300, batch_size=512, seed=0, progress=False).sae
     t_sae = time.perf_counter() - t0
-    Wd = sae.W_dec.detach().double() if hasattr(sae, "W_dec") else None
-    b_dec = sae.b_dec.detach().double() if hasattr(sae, "b_dec") else X.mean(0)
+    Wd = sae.W_dec.detach().double()
+    b_dec = sae.b_dec.detach().double()
     print(f"\n(lm) MiniLM block 3, {X.shape[0]} tokens, d={X.shape[1]}, K={K}, lambda={lam:.4f}; "
-          f"SAE trained {t_sae:.0f} s (300 Adam steps) gives the start")
-    spams_start = Wd / Wd.norm(dim=1, keepdim=True)
+          f"SAE trained {t_sae:.0f} s (300 Adam steps) gives the start; ours fits the bias "
+          f"(time limit {time_limit} s); peers capped: sklearn {sklearn_iter} iterations, SPAMS "
+          f"{spams_iter} mini-batches of 256, on X - b_dec")
+    start = (Wd / Wd.norm(dim=1, keepdim=True)).numpy()
     bn = b_dec.numpy()
 
     def spams_at_sae_centring(Xn):             # SAE's b_dec as SPAMS' (fixed) centring
-        D, _, info = run_spams(Xn - bn, K, lam, 200, D0=spams_start)
+        D, _, info = run_spams(Xn - bn, K, lam, spams_iter, D0=start)
         return D, bn, info
-    peers = [("spams", spams_at_sae_centring)]
+
+    def sklearn_at_sae_centring(Xn):
+        D, _, info = run_sklearn(Xn - bn, K, lam, sklearn_iter, D0=start)
+        return D, bn, info
+    peers = [("sklearn", sklearn_at_sae_centring), ("spams", spams_at_sae_centring)]
     return family("lm", X, K, lam, rounds, peers, tol=1e-5, t2_target=1e-5, with_restarts=False,
-                  ours_kw={"init": Wd, "fit_bias": True, "init_bias": b_dec})
+                  ours_kw={"init": Wd, "fit_bias": True, "init_bias": b_dec,
+                           "time_limit": time_limit})
 
 
 def main():
@@ -218,6 +232,10 @@ def main():
     ap.add_argument("--lm", action="store_true", help="add the MiniLM family (minutes)")
     ap.add_argument("--lm-tokens", type=int, default=10000)
     ap.add_argument("--lm-atoms", type=int, default=1536)
+    ap.add_argument("--lm-sklearn-iter", type=int, default=2,
+                    help="cap on sklearn's outer iterations in the MiniLM family")
+    ap.add_argument("--lm-spams-iter", type=int, default=200,
+                    help="cap on SPAMS' mini-batches in the MiniLM family")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--families", default="a,b,c")
     args = ap.parse_args()
@@ -241,7 +259,8 @@ def main():
                [("sklearn", lambda Xn: run_sklearn(Xn, 32, 0.2, 300)),
                 ("spams", lambda Xn: run_spams(Xn, 32, 0.2, 2000))])
     if args.lm:
-        lm_family(1, tokens=args.lm_tokens, K=args.lm_atoms)
+        lm_family(1, tokens=args.lm_tokens, K=args.lm_atoms, sklearn_iter=args.lm_sklearn_iter,
+                  spams_iter=args.lm_spams_iter)
 
 
 if __name__ == "__main__":

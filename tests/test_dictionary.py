@@ -187,10 +187,64 @@ def test_fits_are_bitwise_reproducible_across_thread_counts():
 def test_new_argument_errors():
     X, _ = make_problem(20, 5, 5, 4)
     with pytest.raises(ValueError, match="method"):
-        fit_dictionary(X, 4, 0.1, method="newton", progress=False)
+        fit_dictionary(X, 4, 0.1, method="bfgs", progress=False)
     with pytest.raises(ValueError, match="init_bias"):
         fit_dictionary(X, 4, 0.1, init_bias=np.zeros(5), progress=False)
     with pytest.raises(ValueError, match="init_bias"):
         fit_dictionary(X, 4, 0.1, fit_bias=True, init_bias=np.zeros(4), progress=False)
     with pytest.raises(ValueError, match="n_threads"):
         fit_dictionary(X, 4, 0.1, n_threads=0, progress=False)
+
+
+@pytest.mark.parametrize("fit_bias", [False, True])
+def test_newton_hessian_matches_finite_differences_of_the_gradient(fit_bias):
+    """The fixed-support Riemannian Hessian of the Newton phase against forward differences
+    of the Danskin gradient along the retraction (exact codes recomputed by encode at the
+    moved point, an independent evaluation), and its symmetry."""
+    from companion.dictionary import _Fit
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(300, 6, generator=g, dtype=torch.float64) + (0.5 if fit_bias else 0.0)
+    D = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    D /= D.norm(dim=1, keepdim=True)
+    b = 0.7 * X.mean(0) if fit_bias else None
+    f = _Fit(X, D, b, lam=0.3, tol=1e-6, max_iter=10, n_sweeps=3, etol=1e-12, chunk_size=4096,
+             resample_dead=False, extrapolate=True, progress=False, time_limit=None,
+             callback=None, method="newton", label="")
+    f.exact = True
+    Z, loss, R, G, M, zsum, V = f.evaluate(D, b, None)
+    hv = f.hessian_model(D, b, Z, R, G)
+    P = f.tangent(D, torch.randn(G.shape, generator=g, dtype=torch.float64))
+    Q = f.tangent(D, torch.randn(G.shape, generator=g, dtype=torch.float64))
+    HP = hv(P)
+    assert abs(float((Q * HP).sum()) - float((P * hv(Q)).sum())) <= 1e-10
+    h = 1e-6
+    Dn, bn = f.retract(D, b, P, h)
+    Zn = encode(X if bn is None else X - bn, Dn, 0.3, tol=1e-12)
+    Rn = (X if bn is None else X - bn) - Zn @ Dn
+    Gn = -(Zn.T @ Rn) / X.shape[0]
+    if fit_bias:
+        Gn = torch.cat([Gn, -Rn.mean(0, keepdim=True)])
+    fd = float((Q * (f.tangent(Dn, Gn) - f.tangent(D, G))).sum()) / h
+    assert abs(fd - float((Q * HP).sum())) <= 1e-4 * max(1.0, abs(fd))
+
+
+def test_warm_exact_codes_equal_encode():
+    """The Newton phase's warm codes (old supports re-solved, KKT-checked, the rest sent to
+    encode) are encode's codes at the moved dictionary."""
+    from companion.dictionary import _Fit
+    X, _ = make_problem(400, 8, 16, 9, s=3)
+    Xt = torch.from_numpy(X)
+    D = torch.from_numpy(np.eye(16, 8) + 0.3)
+    D = D / D.norm(dim=1, keepdim=True)
+    f = _Fit(Xt, D, None, lam=0.05, tol=1e-6, max_iter=10, n_sweeps=3, etol=1e-8,
+             chunk_size=4096, resample_dead=False, extrapolate=True, progress=False,
+             time_limit=None, callback=None, method="newton", label="")
+    f.exact = True
+    Z0 = torch.from_numpy(encode(X, D.numpy(), 0.05))
+    for step in (1e-4, 1e-2, 0.3):
+        Dn = D + step * torch.randn(D.shape, generator=torch.Generator().manual_seed(1),
+                                    dtype=torch.float64)
+        Dn = Dn / Dn.norm(dim=1, keepdim=True)
+        Zw = f.enc(Xt, Dn, Z0)
+        Ze = torch.from_numpy(encode(X, Dn.numpy(), 0.05))
+        assert float((Zw - Ze).abs().max()) <= 1e-7
