@@ -365,13 +365,15 @@ def _silent_saelens_bar():
 
 
 def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLike, *,
-                      steps: int = 1000, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                      steps: int = 1000, batch_size: int = 128, lr: float = 1e-3,
+                      lr_decay_steps: int = 0, seed: int = 0,
                       device: torch.device | str | None = None) -> SAELensRun:
     r"""Train a vanilla L1 SAE with SAELens on activations ``X``, save and reload it (Chapter 8).
 
     ``StandardTrainingSAE`` (ReLU encoder, decoder-norm-weighted L1, SAELens' default
     initialisation: Kaiming-uniform decoder rows of norm 0.1, tied encoder, zero biases) is
-    trained by ``SAETrainer`` with Adam at a constant learning rate on SAELens' loss
+    trained by ``SAETrainer`` with Adam at a constant learning rate (optionally decayed linearly
+    to zero over the last ``lr_decay_steps`` steps, SAELens' ``lr_decay_steps``) on SAELens' loss
     :math:`\|x-\hat x\|^2 + \alpha\sum_k\|W_{dec}[k]\|z_k` with :math:`\alpha = 2\lambda`, which
     is twice the book's SAE loss (Chapter 1). The data provider walks through seeded random
     permutations of the rows of ``X``. The trained SAE is written by SAELens'
@@ -390,6 +392,9 @@ def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLik
         Directory for the checkpoint (created).
     steps, batch_size, lr : int, int, float
         Adam steps, samples per step, learning rate.
+    lr_decay_steps : int
+        Steps at the end over which SAELens decays the learning rate linearly to zero
+        (0: constant). Must be smaller than ``steps``.
     seed : int
         Seeds the initialisation and the minibatch order.
     device : torch.device or str, optional
@@ -412,6 +417,9 @@ def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLik
     steps = check_positive_int(steps, "steps")
     batch_size = check_positive_int(batch_size, "batch_size")
     lr = check_positive(lr, "lr")
+    if isinstance(lr_decay_steps, bool) or not isinstance(lr_decay_steps, int) \
+            or not 0 <= lr_decay_steps < steps:
+        raise ValueError(f"lr_decay_steps must be an integer in [0, steps={steps}), got {lr_decay_steps!r}")
     Xt, _ = as_tensor(X, "X", ndim=2)
     dev = torch.device(device) if device is not None else Xt.device
     Xt = Xt.to(device=dev, dtype=torch.float32)
@@ -439,6 +447,7 @@ def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLik
 
     cfg = SAETrainerConfig(total_training_samples=steps * batch_size,
                            train_batch_size_samples=batch_size, lr=lr, lr_end=lr,
+                           lr_decay_steps=lr_decay_steps,
                            device=str(dev), logger=LoggingConfig(log_to_wandb=False))
     with _silent_saelens_bar():
         trained = _Recording(cfg, sae, data_provider=batches()).fit()

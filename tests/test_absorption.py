@@ -1,6 +1,7 @@
 """The absorption metric (Chapter 3) on constructed cases whose answer is known by hand."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -251,6 +252,25 @@ def test_k_sparse_probing_keeps_a_split_concept():
     assert sorted(ks.main) == [0, 1] and ks.n_split == 1
     assert ks.f1[:3] == pytest.approx([2 / 3, 1.0, 1.0], abs=1e-12)
     assert len(ks.f1) == 4                                        # max_k capped at the latents
+
+
+def test_k_sparse_probing_converges_on_nearly_duplicate_latents():
+    # a separable concept read by latent 0 and by latent 1 ≈ latent 0 (a split pair, as trained SAEs
+    # have): liblinear's ranking probe at tol 1e-8 stalled at its 10000-iteration cap here and warned;
+    # it must converge, and rank the two duplicates first (between them the ℓ1 probe may split
+    # the weight either way)
+    from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
+
+    rng = np.random.default_rng(5)
+    Z = np.maximum(rng.normal(size=(400, 16)) * 3 - 1, 0)
+    Z[:, 1] = Z[:, 0] * (1 + 1e-3 * rng.random(400))
+    y = Z[:, 0] > 2
+    test = np.r_[np.zeros(300, bool), np.ones(100, bool)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SklearnConvergenceWarning)
+        ks = k_sparse_probing(Z, y, test)
+    assert sorted(ks.ranking[:2].tolist()) == [0, 1]
+    assert ks.main[0] in (0, 1)
 
 
 def test_saebench_scores_agree_with_absorption_for_unit_atoms():

@@ -155,3 +155,23 @@ def test_train_saelens_sae_saves_loads_and_records_the_loss(tmp_path):
     assert abs(float(run.sae.loss(X.double(), 0.25).detach()) - run.loss_history[-1]) < 0.5 * run.loss_history[-1]
     again = train_saelens_sae(X, 16, 0.25, tmp_path / "b", steps=60, batch_size=64, seed=0)
     assert torch.equal(again.sae.W_dec, run.sae.W_dec)
+
+
+def test_train_saelens_sae_lr_decay_changes_only_the_last_steps(tmp_path):
+    pytest.importorskip("sae_lens")
+    from companion.lm import train_saelens_sae
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 8, generator=g) + 1.0
+    kw = dict(batch_size=64, lr=3e-3, seed=0)
+    short = train_saelens_sae(X, 16, 0.25, tmp_path / "a", steps=20, **kw)
+    constant = train_saelens_sae(X, 16, 0.25, tmp_path / "b", steps=40, **kw)
+    decayed = train_saelens_sae(X, 16, 0.25, tmp_path / "c", steps=40, lr_decay_steps=20, **kw)
+    # the first 20 steps run at the constant rate in all three (same seed, same batches); the
+    # decay starts at step 20, and the loss recorded at step k precedes the k-th update
+    assert decayed.loss_history[:21] == constant.loss_history[:21]
+    assert constant.loss_history[:20] == short.loss_history
+    assert decayed.loss_history[21:] != constant.loss_history[21:]
+    assert not torch.equal(decayed.sae.W_dec, constant.sae.W_dec)
+    with pytest.raises(ValueError, match="lr_decay_steps must be an integer in"):
+        train_saelens_sae(X, 16, 0.25, tmp_path / "d", steps=40, lr_decay_steps=40, **kw)
