@@ -191,22 +191,29 @@ def family(name, X, K, lam, rounds, peers, tol=1e-6, ours_kw=None, t2_target=1e-
     return rows, times
 
 
-def lm_family(rounds, tokens=10000, K=1536, sklearn_iter=2, spams_iter=200, time_limit=1200):
+def lm_family(rounds, tokens=10000, K=1536, sklearn_iter=1, spams_iter=100, time_limit=1200,
+              cache=None):
     """MiniLM block-3 activations, ``K`` atoms started from a quick SAE's decoder (and its
     ``b_dec`` as the starting bias, fitted jointly by ours). The peers cannot fit a bias, so
     they run on the data centred by the SAE's ``b_dec`` from the same dictionary, capped:
     sklearn at ``sklearn_iter`` outer iterations, SPAMS at ``spams_iter`` mini-batches of
-    256 (their T2 says how far from stationary the cap leaves them)."""
+    256 (their T2 says how far from stationary the cap leaves them). ``cache``: a file that
+    keeps the activations and the SAE start between runs (written when absent)."""
     from companion import lm_activations, train_sae
-    acts = lm_activations(max_tokens=tokens, layer=3, seed=0)
-    X = acts.X.double()
-    Xc = X - X.mean(0)
-    lam = float(0.1 * Xc.norm(dim=1).median())       # a tenth of the typical centred norm
-    t0 = time.perf_counter()
-    sae = train_sae(X, K, lam, steps=300, batch_size=512, seed=0, progress=False).sae
-    t_sae = time.perf_counter() - t0
-    Wd = sae.W_dec.detach().double()
-    b_dec = sae.b_dec.detach().double()
+    if cache and os.path.exists(cache):
+        X, Wd, b_dec, lam, t_sae = torch.load(cache)
+    else:
+        acts = lm_activations(max_tokens=tokens, layer=3, seed=0)
+        X = acts.X.double()
+        Xc = X - X.mean(0)
+        lam = float(0.1 * Xc.norm(dim=1).median())   # a tenth of the typical centred norm
+        t0 = time.perf_counter()
+        sae = train_sae(X, K, lam, steps=300, batch_size=512, seed=0, progress=False).sae
+        t_sae = time.perf_counter() - t0
+        Wd = sae.W_dec.detach().double()
+        b_dec = sae.b_dec.detach().double()
+        if cache:
+            torch.save((X, Wd, b_dec, lam, t_sae), cache)
     print(f"\n(lm) MiniLM block 3, {X.shape[0]} tokens, d={X.shape[1]}, K={K}, lambda={lam:.4f}; "
           f"SAE trained {t_sae:.0f} s (300 Adam steps) gives the start; ours fits the bias "
           f"(time limit {time_limit} s); peers capped: sklearn {sklearn_iter} iterations, SPAMS "
@@ -222,9 +229,17 @@ def lm_family(rounds, tokens=10000, K=1536, sklearn_iter=2, spams_iter=200, time
         D, _, info = run_sklearn(Xn - bn, K, lam, sklearn_iter, D0=start)
         return D, bn, info
     peers = [("sklearn", sklearn_at_sae_centring), ("spams", spams_at_sae_centring)]
+    t_fit = []
+
+    def trace(it, loss, t2):                   # our fit's progress, every tenth iteration
+        if it == 0:
+            t_fit[:] = [time.perf_counter()]
+        if it % 10 == 0:
+            print(f"    ours: iteration {it:4d}  {time.perf_counter() - t_fit[0]:7.1f} s  "
+                  f"loss {loss:.8f}  T2 {t2:.2e}", flush=True)
     return family("lm", X, K, lam, rounds, peers, tol=1e-5, t2_target=1e-5, with_restarts=False,
                   ours_kw={"init": Wd, "fit_bias": True, "init_bias": b_dec,
-                           "time_limit": time_limit})
+                           "time_limit": time_limit, "callback": trace})
 
 
 def main():
@@ -232,9 +247,13 @@ def main():
     ap.add_argument("--lm", action="store_true", help="add the MiniLM family (minutes)")
     ap.add_argument("--lm-tokens", type=int, default=10000)
     ap.add_argument("--lm-atoms", type=int, default=1536)
-    ap.add_argument("--lm-sklearn-iter", type=int, default=2,
+    ap.add_argument("--lm-cache", default=None,
+                    help="file keeping the MiniLM activations and SAE start between runs")
+    ap.add_argument("--lm-time-limit", type=float, default=1200,
+                    help="time limit of our fit in the MiniLM family (s)")
+    ap.add_argument("--lm-sklearn-iter", type=int, default=1,
                     help="cap on sklearn's outer iterations in the MiniLM family")
-    ap.add_argument("--lm-spams-iter", type=int, default=200,
+    ap.add_argument("--lm-spams-iter", type=int, default=100,
                     help="cap on SPAMS' mini-batches in the MiniLM family")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--families", default="a,b,c")
@@ -260,7 +279,8 @@ def main():
                 ("spams", lambda Xn: run_spams(Xn, 32, 0.2, 2000))])
     if args.lm:
         lm_family(1, tokens=args.lm_tokens, K=args.lm_atoms, sklearn_iter=args.lm_sklearn_iter,
-                  spams_iter=args.lm_spams_iter)
+                  spams_iter=args.lm_spams_iter, time_limit=args.lm_time_limit,
+                  cache=args.lm_cache)
 
 
 if __name__ == "__main__":
