@@ -75,6 +75,9 @@ __all__ = ["DictionaryFit", "fit_dictionary"]
 _PARTIAL_ROUNDS = 3
 #: T2 violation below which every encode is exact and the second-order phase starts.
 _EXACT_BELOW = 1e-1
+#: The same for ``method="lbfgs"`` and ``"sweeps"`` (as before the Newton phase, so that
+#: those methods give the same fits as then).
+_EXACT_BELOW_QN = 1e-2
 #: T2 at which ``finish_restarts="best"`` compares the restarts.
 _SCREEN = 1e-2
 #: Pairs kept by L-BFGS.
@@ -298,8 +301,9 @@ def fit_dictionary(
         Starting bias when ``fit_bias`` (default: the data mean).
     method : "newton", "lbfgs" or "sweeps"
         ``"newton"`` (the default since the solvers issue; it was ``"lbfgs"``): block
-        sweeps, then damped Riemannian Newton-CG below T2 = ``0.1``; ``"lbfgs"``: the same
-        with Riemannian L-BFGS; ``"sweeps"``: block sweeps with exact codes to the end (the
+        sweeps, then damped Riemannian Newton-CG below T2 = ``0.1`` with warm exact codes;
+        ``"lbfgs"``: block sweeps, then Riemannian L-BFGS below T2 = ``1e-2`` (the former
+        default, unchanged); ``"sweeps"``: block sweeps with exact codes to the end (the
         alternating minimisation of earlier versions).
     n_threads : int or None
         CPU intra-op threads during the fit (restored afterwards). The default, one, makes
@@ -439,7 +443,7 @@ class _Fit:
     def enc(self, Xc, D, Z):
         """Codes of ``Xc``: exact once ``self.exact``, else three active-set rounds from ``Z``."""
         if self.exact:
-            if Z is not None:
+            if Z is not None and self.method == "newton":
                 return self.warm_exact(Xc, D, Z)
             return _encode_tensor(Xc, D, self.lam, self.etol, 200, self.chunk_size, Z, False, 2,
                                   5000)[0]
@@ -574,7 +578,8 @@ class _Fit:
             A, B = Z.T @ Xc, Z.T @ Z
             t2 = _t2(A - B @ self.D, B.diagonal(), self.zsum, self.D, lam)
             bias_v = self.bias_violation(R)
-            if not self.exact and t2 <= max(_EXACT_BELOW, self.tol):
+            below = _EXACT_BELOW if self.method == "newton" else _EXACT_BELOW_QN
+            if not self.exact and t2 <= max(below, self.tol):
                 self.exact = True
                 R = self.set_codes(self.enc(Xc, self.D, Z))
                 if self.method != "sweeps":
