@@ -153,6 +153,12 @@ _GROW_FROM = 16
 _MAX_ADD = 32
 _ROOM_DIV = 4
 
+#: Supports at least ``_BUCKET_WIDTH`` wide are factorised in up to ``_BUCKETS`` groups of
+#: rows of similar support size, each group at least ``_BUCKET_ROWS`` rows.
+_BUCKET_WIDTH = 24
+_BUCKETS = 8
+_BUCKET_ROWS = 32
+
 #: The correlations of a sparse iterate come from the Gram matrix while its rows hold at
 #: most ``n_features // _GRAM_DIV`` atoms on average (a sparse product then costs less than
 #: the residual product ``r Dᵀ``), else from the residual.
@@ -164,8 +170,9 @@ class _Dict:
     ``k``) appended and, for dictionaries that are not too large, the Gram matrix
     ``Ge = De Deᵀ`` (whose padding row and column are zero).
 
-    ``n_rows`` (the rows to be encoded, when known) skips the Gram matrix where forming it
-    (``k² d``) would cost more than a product with the rows (``n k d``).
+    ``n_rows`` (the rows to be encoded, when known) defers the Gram matrix where forming it
+    (``k² d``) would cost more than a product with the rows (``n k d``); it is formed later
+    if the support blocks computed from the atoms come to cost as much (long supports).
     """
 
     def __init__(self, D: torch.Tensor, n_rows: int | None = None):
@@ -173,15 +180,24 @@ class _Dict:
         self.pad = self.k
         self.k1 = self.k + 1
         self.De = torch.cat([D, D.new_zeros(1, self.d)], 0)
+        self.G = self.Gf = None
+        self.spent = 0                  # Gram entries computed from the atoms so far
         if self.k1 * self.k1 <= _GRAM_ENTRIES and (n_rows is None or self.k1 <= 2 * n_rows):
-            self.G = self.De @ self.De.T
-            self.Gf = self.G.view(-1)
-        else:
-            self.G = self.Gf = None
+            self._form_gram()
+
+    def _form_gram(self) -> None:
+        self.G = self.De @ self.De.T
+        self.Gf = self.G.view(-1)
 
     def gram(self, idx: torch.Tensor) -> torch.Tensor:
         """Support Gram blocks ``D_S D_Sᵀ`` (m, w, w), identity on padding entries."""
         m, w = idx.shape
+        if self.Gf is None and self.k1 * self.k1 <= _GRAM_ENTRIES:
+            # long supports: once their blocks have cost as much as the whole Gram matrix,
+            # form it (later blocks and the correlations are then gathered from it)
+            self.spent += m * w * w
+            if self.spent > self.k1 * self.k1:
+                self._form_gram()
         if self.Gf is not None:
             flat = (idx * self.k1).unsqueeze(2) + idx.unsqueeze(1)
             A = self.Gf.index_select(0, flat.reshape(-1)).view(m, w, w)
@@ -346,6 +362,76 @@ def _lawson_hanson_inner(Dc, Cf, rowmap, idx, z, lam, ridge, new=None):
     return idx, z, new
 
 
+def _positive_support(Dc, Cf, rowmap, idx, z0, lam, ridge):
+    """From a warm start ``z0`` on its support ``idx`` (padded), a support on which the
+    least-squares solution is positive, and that solution: solve
+    ``D_S D_Sᵀ z_S = D_S x - λ1`` and drop every nonpositive entry, until none is left
+    (each pass drops at least one atom a row). The result is feasible and the minimiser on
+    its support, which is all the active-set rounds need (an atom dropped wrongly is added
+    back by them): a warm start's wrong atoms (an SAE's codes carry many) leave in a few
+    passes, where Lawson–Hanson steps drop one at a time, a factorisation each. Rows where
+    this ends worse than ``z0`` itself take the Lawson–Hanson descent from ``z0`` instead,
+    so no row is worse than its warm start."""
+    m, w = idx.shape
+    pad = Dc.pad
+    z = torch.zeros(idx.shape, dtype=Cf.dtype, device=Cf.device)
+    if w == 0 or m == 0:
+        return idx, z
+    idx0 = idx.clone()
+    A0 = Dc.gram(idx)
+    flat = (rowmap * Dc.k1).unsqueeze(1) + idx
+    b0 = Cf.index_select(0, flat.reshape(-1)).view(m, w) - lam
+    todo = torch.arange(m, device=idx.device)
+    for _ in range(w + 1):
+        it = idx[todo]
+        vf = (it < pad).to(z.dtype)
+        A = A0[todo] * vf.unsqueeze(2) * vf.unsqueeze(1)
+        A.diagonal(dim1=1, dim2=2).add_(1 - vf)
+        sol = _spd_solve(A, b0[todo] * vf, ridge)
+        neg = (sol <= 0) & (it < pad)
+        z[todo] = torch.where(neg | (it == pad), 0, sol)
+        idx[todo] = torch.where(neg, pad, it)
+        more = neg.any(1)
+        if not bool(more.any()):
+            break
+        todo = todo[more]
+    q = lambda u: 0.5 * (u * torch.bmm(A0, u.unsqueeze(2)).squeeze(2)).sum(1) - (b0 * u).sum(1)
+    worse = torch.nonzero(q(z) > q(z0)).squeeze(1)
+    if worse.numel():
+        iw, zw, _ = _lawson_hanson_inner(Dc, Cf, rowmap[worse], idx0[worse], z0[worse].clone(),
+                                         lam, ridge)
+        idx[worse], z[worse] = iw, zw
+    return idx, z
+
+
+def _lawson_hanson(Dc, Cf, rowmap, idx, z, lam, ridge, new=None):
+    """:func:`_lawson_hanson_inner` on groups of rows of similar support size.
+
+    A batched factorisation costs ``w³`` a row at the padded width ``w``; where supports
+    differ in length, rows sorted by support size are solved in up to ``_BUCKETS`` groups,
+    each at its own width (the result is the same row by row)."""
+    m, w = idx.shape
+    if new is None:
+        new = torch.zeros_like(idx, dtype=torch.bool)
+    if w < _BUCKET_WIDTH or m < 2 * _BUCKET_ROWS:
+        return _lawson_hanson_inner(Dc, Cf, rowmap, idx, z, lam, ridge, new)
+    pad = Dc.pad
+    count = (idx < pad).sum(1)
+    order = torch.sort(count, stable=True).indices
+    n_groups = min(_BUCKETS, m // _BUCKET_ROWS)
+    bounds = [m * g // n_groups for g in range(n_groups + 1)]
+    out_idx = torch.full_like(idx, pad)
+    out_z = torch.zeros_like(z)
+    out_new = torch.zeros_like(new)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        g = order[a:b]
+        ig, zg, ng = _sort_support(idx[g], z[g], pad, new[g])
+        ig, zg, ng = _lawson_hanson_inner(Dc, Cf, rowmap[g], ig, zg, lam, ridge, ng)
+        wg = ig.shape[1]
+        out_idx[g, :wg], out_z[g, :wg], out_new[g, :wg] = ig, zg, ng
+    return out_idx, out_z, out_new
+
+
 def _supports_of(Z0: torch.Tensor, pad: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded supports ``(idx, z)`` of the positive entries of each row of ``Z0`` (at most
     its ``cap`` largest entries a row)."""
@@ -426,19 +512,21 @@ def _encode_chunk(X, Dc, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback
     cut = torch.zeros(m, dtype=torch.bool, device=dev)
     allrows = torch.arange(m, device=dev)
 
-    # initial supports (a warm start's, after one Lawson–Hanson descent) and their correlations
+    # initial supports: a warm start's, where its least-squares solution is positive
     first = p_first
     if Z0 is not None and bool((Z0 > 0).any()):
         idx, z = _supports_of(Z0, pad, max(32, Dc.d // 8))
-        idx, z, _ = _lawson_hanson_inner(Dc, Cf, allrows, idx, z, lam, ridge)
+        idx, z = _positive_support(Dc, Cf, allrows, idx, z, lam, ridge)
         idx, z = _sort_support(idx, z, pad)
-        first = p_add
+        first = None
     else:
         idx = torch.full((m, 0), pad, dtype=torch.long, device=dev)
         z = C.new_zeros(m, 0)
 
     act = allrows                      # rows still iterating; idx, z follow them
     padd = torch.full((m,), p_add, dtype=torch.long, device=dev)
+    if first is None:               # a warm row is offered as many atoms as it holds
+        padd = (idx < pad).sum(1).clamp(min=p_add, max=_MAX_ADD)
     stalls = torch.zeros(m, dtype=torch.long, device=dev)
     n_iter = 0
     while act.numel():
@@ -455,7 +543,7 @@ def _encode_chunk(X, Dc, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback
             corr.scatter_(1, idx, -math.inf)          # hide the support (and padding)
         else:
             v_on = torch.zeros(act.numel(), dtype=dt, device=dev)
-        nadd = torch.full_like(act, first) if n_iter == 0 else padd[act]
+        nadd = torch.full_like(act, first) if n_iter == 0 and first is not None else padd[act]
         p_now = min(int(nadd.max()), k)
         if p_now == 1:
             top_val, top_idx = corr.max(1, keepdim=True)
@@ -487,8 +575,8 @@ def _encode_chunk(X, Dc, lam, tol, max_iter, Z0, p_first, p_add, ridge, fallback
         idx_new = torch.cat([idx, torch.where(add, top_idx, torch.full_like(top_idx, pad))], 1)
         z_new = torch.cat([z, torch.zeros_like(top_val)], 1)
         new_flag = torch.cat([torch.zeros_like(idx, dtype=torch.bool), add], 1)
-        idx_new, z_new, new_flag = _lawson_hanson_inner(Dc, Cf, act, idx_new, z_new, lam, ridge,
-                                                        new_flag)
+        idx_new, z_new, new_flag = _lawson_hanson(Dc, Cf, act, idx_new, z_new, lam, ridge,
+                                                  new_flag)
         # a stall: the atoms added all dropped out again, or only an on-support refinement
         # was possible; after a stall add one atom at a time (the Lawson–Hanson guarantee)
         stalled = ~(add.any(1) & new_flag.any(1))
