@@ -4,7 +4,10 @@ For every layer, penalty, width and seed: train a vanilla SAE with ``companion.t
 one with SAELens (``companion.lm.train_saelens_sae``), certify both on held-out tokens
 (``companion.certify_sae``: SAE codes and exact codes), and write a JSON summary of the
 ladder (SAE loss >= F_b(D) >= Huber bound), T1 in units of lambda, T2, the best new atom,
-dead atoms, L0 and the amortisation gap, with the command that produced it.
+dead atoms, L0, the amortisation gap and how far each SAE is from a loss plateau (the relative
+fall of its mean minibatch loss over the last fifth of training, Chapter 8's criterion), with
+the command that produced it. The JSON is rewritten after every SAE, so a run cut short by a
+time limit keeps what it finished (``"complete": false``).
 
     python tools/lm_study.py --out lm_study.json                     # the default larger run
     python tools/lm_study.py --smoke --out /tmp/lm_smoke.json        # seconds: a check that it runs
@@ -44,6 +47,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-decay-steps", type=int, default=0,
+                   help="SAELens only: steps at the end over which its learning rate decays to 0")
+    p.add_argument("--init", default="data", choices=["data", "random"],
+                   help="companion.train_sae's decoder initialisation")
     p.add_argument("--trainers", nargs="+", default=["companion", "saelens"],
                    choices=["companion", "saelens"])
     p.add_argument("--smoke", action="store_true",
@@ -54,6 +61,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.layers, args.tokens, args.widths, args.lams = [3], 600, [64], [1.0]
         args.seeds, args.steps, args.batch_size = [0], 50, 64
     return args
+
+
+def plateau_fall(history: list[float], tail: float = 0.2) -> float:
+    """Relative fall of the mean minibatch loss from the second-to-last to the last fifth."""
+    h = torch.tensor(history, dtype=torch.float64)
+    m = int(len(h) * tail)
+    before, last = float(h[-2 * m:-m].mean()), float(h[-m:].mean())
+    return (before - last) / last
 
 
 def summarise(sae, X_test: torch.Tensor, lam: float) -> dict:
@@ -78,51 +93,64 @@ def summarise(sae, X_test: torch.Tensor, lam: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
     device = companion.setup(seed=0)
     results, started = [], time.time()
+    summary = {
+        "command": "python tools/lm_study.py " + " ".join(shlex.quote(a) for a in argv),
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "device": str(device.type),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "complete": False,
+        "tokens_per_layer": {},
+        "results": results,
+    }
+
+    def write():
+        summary["seconds"] = round(time.time() - started, 1)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+
     for layer in args.layers:
         acts = lm_activations(model=args.model, layer=layer, max_tokens=args.tokens, seed=0,
                               device=device)
         n_docs = len(acts.texts)
         train = acts.doc < int((1 - args.test_share) * n_docs)
         X_train, X_test = acts.X[train], acts.X[~train].double()
+        summary["tokens_per_layer"][str(layer)] = {"train": int(train.sum()),
+                                                   "test": int((~train).sum())}
         for lam in args.lams:
             for K in args.widths:
                 for seed in args.seeds:
                     for trainer in args.trainers:
                         t = time.time()
                         if trainer == "companion":
-                            sae = companion.train_sae(X_train, K, lam, steps=args.steps,
+                            fit = companion.train_sae(X_train, K, lam, steps=args.steps,
                                                       batch_size=args.batch_size, lr=args.lr,
-                                                      seed=seed, progress=False).sae.double()
+                                                      seed=seed, init=args.init, progress=False)
+                            sae, history = fit.sae.double(), fit.loss_history
                         else:
                             with tempfile.TemporaryDirectory() as tmp:
                                 run = train_saelens_sae(X_train, K, lam, tmp, steps=args.steps,
                                                         batch_size=args.batch_size, lr=args.lr,
+                                                        lr_decay_steps=args.lr_decay_steps,
                                                         seed=seed)
                                 checkpoint_lam(run.checkpoint, lam)
-                                sae = run.sae
+                                sae, history = run.sae, run.loss_history
                         row = {"layer": layer, "lam": lam, "width": K, "seed": seed,
-                               "trainer": trainer, **summarise(sae, X_test, lam),
+                               "trainer": trainer, "plateau_fall": plateau_fall(history),
+                               "train_loss_last_fifth": float(torch.tensor(
+                                   history[-len(history) // 5:]).mean()),
+                               **summarise(sae, X_test, lam),
                                "seconds": round(time.time() - t, 1)}
                         results.append(row)
+                        write()
                         print(json.dumps(row), flush=True)
-    summary = {
-        "command": "python tools/lm_study.py " + " ".join(shlex.quote(a) for a in
-                                                          (sys.argv[1:] if argv is None else argv)),
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "device": str(device.type),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "n_train_tokens_per_layer": int(train.sum()),
-        "n_test_tokens_per_layer": int((~train).sum()),
-        "seconds": round(time.time() - started, 1),
-        "results": results,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(summary, f, indent=1)
+    summary["complete"] = True
+    write()
     print(f"wrote {args.out}: {len(results)} SAEs in {summary['seconds']} s on {summary['device']}")
     return 0
 
