@@ -8,9 +8,11 @@ Prints, measured in one run (dictionary learning is in ``bench/bench_dictionary.
       True)``, timed in alternating rounds (every tool once per round, so that a slow spell
       of a shared machine hits all of them); min and median per tool, ratios to ours, each
       objective's relative difference from ours, and ours in units of one ``X @ D.T``;
-  (c) a warm start: exact codes of an SAE-like problem (d=384, K=4096, float32) from the
-      SAE's own encoder codes (``init=``) against a cold start, streamed in chunks, with the
-      peak memory of the streaming run (child process);
+  (c) a warm start: exact codes of an SAE-like problem (d=384, K=4096, float32), streamed
+      in chunks, cold against ``init=`` the SAE's own encoder codes and ``init=`` the exact
+      codes for a slightly perturbed dictionary (the previous iterate of a dictionary fit),
+      in alternating order, T1 recomputed densely, with the peak memory of the run (child
+      process);
   (d) peak memory of ``certify`` on n and 10n rows at a fixed chunk size (child processes).
 With CUDA present it adds GPU throughput (rows/s of ``encode`` and ``certify`` at d=768,
 K=24576, float32).
@@ -188,48 +190,82 @@ _SAE_CHILD = r"""
 import os, sys, threading, time, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads({threads})
-from bench.bench_solvers import sae_like
+from bench.bench_solvers import sae_like, kkt_lam
 from companion import encode
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * page / 2**20
 chunks, D = sae_like({n})
+g = torch.Generator().manual_seed(1)
+Dp = D + 0.01 * torch.randn(D.shape, generator=g) / D.shape[1] ** 0.5
+Dp /= Dp.norm(dim=1, keepdim=True)          # a dictionary one small learning step away
 base = rss(); peak = [base]; stop = []
 def watch():
     while not stop:
         peak[0] = max(peak[0], rss()); time.sleep(0.005)
 th = threading.Thread(target=watch); th.start()
-t_enc = 0.0; worst = 0.0; l0s = l0e = 0.0; rows = 0; rounds = 0
-t0 = time.perf_counter()
-for X, Zs in chunks({chunk}):
-    t = time.perf_counter()
-    Z, info = encode(X, D, {lam}, init=Zs if {warm} else None, return_info=True)
-    t_enc += time.perf_counter() - t
-    worst = max(worst, info.kkt_violation_lam); rounds = max(rounds, info.n_iter)
-    l0s += float((Zs > 0).sum()); l0e += float((Z > 0).sum()); rows += X.shape[0]
-total = time.perf_counter() - t0
+names = ("cold", "sae", "prev")
+t = dict.fromkeys(names, 0.0); rounds = dict.fromkeys(names, 0); t1 = dict.fromkeys(names, 0.0)
+obj = dict.fromkeys(names, 0.0); l0 = dict.fromkeys(names, 0.0); l0s = 0.0; rows = 0
+for i, (X, Zs) in enumerate(chunks({chunk})):
+    Zp = encode(X, Dp, {lam})                  # not timed: the previous iterate's codes
+    order = names if i % 2 == 0 else names[::-1]   # alternate the order chunk by chunk
+    for name in order:
+        init = dict(cold=None, sae=Zs, prev=Zp)[name]
+        t0 = time.perf_counter()
+        Z, info = encode(X, D, {lam}, init=init, return_info=True)
+        t[name] += time.perf_counter() - t0
+        rounds[name] = max(rounds[name], info.n_iter)
+        t1[name] = max(t1[name], kkt_lam(X, D, Z, {lam}))
+        R = (X - Z @ D).double()
+        obj[name] += float((0.5 * (R * R).sum(1) + {lam} * Z.double().sum(1)).sum())
+        l0[name] += float((Z > 0).sum())
+    l0s += float((Zs > 0).sum()); rows += X.shape[0]
 stop.append(1); th.join()
-print(t_enc, total, peak[0] - base, worst, l0s / rows, l0e / rows, rounds)
+print(peak[0] - base, l0s / rows)
+for name in names:
+    print(name, t[name], rounds[name], t1[name], obj[name] / rows, l0[name] / rows)
 """
+
+
+def kkt_lam(X, D, Z, lam):
+    """T1 of codes ``Z`` recomputed densely in float64, in units of λ (independent of
+    ``encode``'s own bookkeeping): ``max(|d_kᵀr - λ|`` on the support, ``(d_kᵀr - λ)₊``
+    off it``)``."""
+    X, D, Z = X.double(), D.double(), Z.double()
+    g = (X - Z @ D) @ D.T - lam
+    v = torch.where(Z > 0, g.abs(), g.clamp(min=0))
+    return float(v.max()) / lam if v.numel() else 0.0
 
 
 def part_warm(n, lam=0.1, chunk=4096, threads=2):
     print(f"\n(c) warm start: exact codes of an SAE-like problem (float32, d=384, K=4096, "
           f"{n} rows streamed in chunks of {chunk}, {threads} threads, random data with SAE-like "
-          f"structure, lambda={lam})")
-    for warm in (False, True):
-        code = _SAE_CHILD.format(root=ROOT, n=n, chunk=chunk, lam=lam, warm=warm, threads=threads)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": ROOT})
-        if out.returncode:
-            print("  child failed:", out.stderr[-800:])
-            continue
-        t_enc, total, extra, worst, l0s, l0e, rounds = map(float, out.stdout.split())
-        print(f"  {'warm (init = SAE codes)' if warm else 'cold start':24s}: encode {t_enc:7.2f} s "
-              f"({n / t_enc:8.0f} rows/s; with data generation and SAE codes {total:.2f} s), "
-              f"at most {rounds:.0f} rounds a chunk, T1 <= {worst:.1e} lambda, L0 SAE {l0s:.1f}, "
-              f"exact {l0e:.1f}; peak RSS above start {extra:.0f} MB")
+          f"structure, lambda={lam}); per chunk, in alternating order: cold, init = the SAE's "
+          f"encoder codes, init = exact codes for a dictionary perturbed by 1% (a learning "
+          f"step earlier); T1 recomputed densely in float64")
+    code = _SAE_CHILD.format(root=ROOT, n=n, chunk=chunk, lam=lam, threads=threads)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    if out.returncode:
+        print("  child failed:", out.stderr[-800:])
+        return
+    lines = out.stdout.split("\n")
+    extra, l0s = map(float, lines[0].split())
+    res = {}
+    for line in lines[1:]:
+        if line.strip():
+            name, *vals = line.split()
+            res[name] = [float(v) for v in vals]
+    cold = res["cold"][0]
+    labels = dict(cold="cold start", sae="init = SAE codes", prev="init = previous iterate")
+    for name, (t, rounds, t1, obj, l0) in res.items():
+        rel = (obj - res["cold"][3]) / res["cold"][3]
+        print(f"  {labels[name]:24s}: encode {t:7.2f} s ({n / t:7.0f} rows/s, {cold / t:4.2f}x "
+              f"cold), at most {rounds:.0f} rounds a chunk, T1 <= {t1:.1e} lambda, L0 {l0:.1f}, "
+              f"objective {rel:+.1e} relative to cold")
+    print(f"  the SAE's codes have L0 {l0s:.1f}; peak RSS above start {extra:.0f} MB")
 
 
 _CHILD = r"""

@@ -397,3 +397,46 @@ def test_bitwise_independent_of_thread_count(monkeypatch, gram):
         torch.set_num_threads(n)
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+def test_long_supports_bucketed_lazy_gram_and_thread_independent(monkeypatch):
+    """Supports of ~30 atoms: factorised in groups of similar size, the same codes as one
+    padded batch; a deferred Gram matrix is formed once the support blocks cost as much,
+    same codes; and the same bits on 1 and 2 threads."""
+    import companion.coding as coding
+    from companion.coding import _Dict, _encode_tensor
+    X, D = make_problem(200, 48, 200, 5, s=30, noise=0.05)
+    Xt, Dt = torch.from_numpy(X), torch.from_numpy(D)
+    lam = 0.02
+    Z, info = encode(Xt, Dt, lam, return_info=True)
+    assert info.max_support >= coding._BUCKET_WIDTH and info.converged
+    assert certify(Xt, Dt, lam, Z).t1_violation <= 1e-8 * lam * 10
+    Dc = _Dict(Dt, n_rows=1)                                  # Gram matrix deferred
+    assert Dc.G is None
+    Zl = _encode_tensor(Xt, Dt, lam, 1e-8, 200, 200, None, False, 2, 5000, Dc=Dc)[0]
+    assert Dc.G is not None                                   # formed along the way
+    np.testing.assert_allclose(Zl, Z, atol=1e-10)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Z1 = encode(Xt, Dt, lam)
+        torch.set_num_threads(2)
+        Z2 = encode(Xt, Dt, lam)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(Z1, Z2)
+    monkeypatch.setattr(coding, "_BUCKET_WIDTH", 10 ** 9)    # one padded batch
+    np.testing.assert_allclose(encode(Xt, Dt, lam), Z, atol=1e-10)
+
+
+def test_warm_start_from_dense_wrong_codes():
+    """A warm start whose support is mostly wrong (every atom positive, as a dense encoder's
+    codes can be) still gives the exact codes, and no row ends worse than cold."""
+    X, D = make_problem(150, 16, 64, 46, s=4)
+    lam = 0.05
+    Z = encode(X, D, lam)
+    rng = np.random.default_rng(2)
+    Zi, info = encode(X, D, lam, init=rng.uniform(0.01, 1.0, Z.shape), return_info=True)
+    assert info.converged
+    np.testing.assert_allclose(Zi, Z, atol=1e-9)
+    np.testing.assert_allclose(objective(X, D, Zi, lam), objective(X, D, Z, lam), atol=1e-12)
