@@ -88,6 +88,9 @@ _MAX_BACKTRACK = 30
 #: Damping of the Newton steps: its floor, its growth and shrink factors, and its value after
 #: the first failure.
 _MU = [1e-3, 4.0, 2.0, 1e-1]
+#: CG stops at a relative residual min(0.5, T2 ** _ETA_POW) (a forcing sequence that tends
+#: to zero with T2, so the steps become Newton's).
+_ETA_POW = 1.0
 #: Most conjugate-gradient steps of one Newton direction.
 _MAX_CG = 100
 #: Largest turn (radians, at a unit step) of an atom along a Newton direction.
@@ -711,7 +714,7 @@ class _Fit:
             inv = torch.where(Mr > 0, 1.0 / Mr.clamp(min=torch.finfo(M.dtype).tiny),
                               torch.zeros_like(Mr))
             hv = self.hessian_model(D, b, Z, R, G)
-            eta = min(0.5, math.sqrt(t2))
+            eta = min(0.5, t2 ** _ETA_POW)
             step = None
             for _ in range(_MAX_BACKTRACK):
                 p = self.cap(D, self.cg(lambda P: hv(P) + (mu * Mr) * P, g, inv, eta))
