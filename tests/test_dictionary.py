@@ -251,19 +251,26 @@ def test_warm_exact_codes_equal_encode():
 
 
 def test_finish_best_restart_screens_and_lbfgs_still_certifies():
-    """finish_restarts='best' finishes only the restart lowest at the T2 = 1e-2 screen: it
-    reports every restart's loss, ends at a certified stationary point whose loss is the
-    lowest of them, and is the same fit as that restart run alone to the end. The L-BFGS
-    method (another algorithm) also reaches a certified stationary point."""
+    """finish_restarts='best' (Newton) finishes only the restart lowest at the T2 = 1e-2
+    screen: it reports every restart's loss, ends at a certified stationary point whose loss
+    is the lowest of them, and is the same fit as that restart run alone to the end. The
+    default L-BFGS method (another algorithm) also reaches a certified stationary point, and
+    Newton does with a fitted bias."""
     rng = np.random.default_rng(7)
     X = rng.standard_normal((300, 6)) * np.array([1.0, 0.8, 0.6, 0.5, 0.4, 0.3])
-    fit = fit_dictionary(X, 8, 0.3, n_restarts=3, progress=False, finish_restarts="best")
+    fit = fit_dictionary(X, 8, 0.3, n_restarts=3, progress=False, finish_restarts="best",
+                         method="newton")
     assert fit.converged and fit.certificate.t2_violation <= 1e-6
     assert len(fit.restart_losses) == 3 and fit.loss == min(fit.restart_losses)
     r = int(np.argmin(fit.restart_losses))
-    alone = fit_dictionary(X, 8, 0.3, n_restarts=1, seed=r, progress=False)
+    alone = fit_dictionary(X, 8, 0.3, n_restarts=1, seed=r, progress=False, method="newton")
     assert alone.loss == fit.loss and np.array_equal(alone.D, fit.D)
-    qn = fit_dictionary(X, 8, 0.3, n_restarts=1, progress=False, method="lbfgs")
+    qn = fit_dictionary(X, 8, 0.3, n_restarts=1, progress=False)       # L-BFGS
     assert qn.converged and qn.certificate.t2_violation <= 1e-6
+    # with a fitted bias, Newton reaches a stationary (b, D) too
+    Xb = X + np.array([1.0, -2.0, 0.5, 0.0, 0.3, 1.0])
+    nb = fit_dictionary(Xb, 8, 0.3, n_restarts=1, progress=False, method="newton", fit_bias=True)
+    assert nb.converged and nb.certificate.t2_violation <= 1e-6
+    assert np.linalg.norm((Xb - nb.bias - nb.Z @ nb.D).mean(0)) <= 1e-6
     with pytest.raises(ValueError, match="finish_restarts"):
         fit_dictionary(X, 8, 0.3, progress=False, finish_restarts="first")
