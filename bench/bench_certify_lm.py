@@ -12,21 +12,20 @@ Stages (each cached under ``--work``, so that a re-run times only the certificat
      the activations, saved with ``companion.save_sae``. Its training is not the point (it is
      short): the certificate's cost is what is measured, and it depends on the SAE mostly
      through its codes' sparsity, which is printed;
-  3. the certificate, in a fresh child process per mode (so that its peak resident memory is
-     its own): the ``.npy`` is memory-mapped, the SAE loaded with ``companion.load_sae`` and
-     certified with exact codes, cold (``init="cold"``) and, where ``certify_sae`` offers it,
-     warm-started from the SAE's own codes (``init="sae"``). Printed: wall time, rows per
-     second, the peak RSS of the child and its RSS before certifying, T1 of the exact codes in
-     units of λ, and the amortisation gap.
+  3. the certificate, in a fresh child process (so that its peak resident memory is its own):
+     the ``.npy`` is memory-mapped, the SAE loaded with ``companion.load_sae`` and certified
+     with exact codes started cold. (Starting them from the SAE's own codes is slower than
+     cold on SAE-like data, ``bench_solvers.py`` part (c), so ``certify_sae`` does not.)
+     Printed: wall time, rows per second, the peak RSS of the child and its RSS before
+     certifying, T1 of both codes in units of λ, L0 and the amortisation gap.
 
 Run:  PYTHONPATH=. python bench/bench_certify_lm.py [--tokens 100000] [--atoms 4096]
-          [--dtype float32|float64] [--work /tmp/bench_certify_lm] [--modes cold,sae]
+          [--dtype float32|float64] [--work /tmp/bench_certify_lm]
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import pathlib
@@ -81,26 +80,20 @@ def prepare(args) -> tuple[pathlib.Path, pathlib.Path]:
 
 
 def child(args) -> None:
-    """One certificate in this process; prints one JSON line."""
+    """The certificate in this process; prints one JSON line."""
     import numpy as np
 
     import companion
 
     X = np.load(args.x_path, mmap_mode="r")
     sae = companion.load_sae(args.sae_path).sae
-    kwargs = {}
-    if args.mode != "cold":
-        if "init" not in inspect.signature(companion.certify_sae).parameters:
-            print(json.dumps({"mode": args.mode, "skipped": "certify_sae has no init="}))
-            return
-        kwargs["init"] = args.mode
     rss_before = _rss_mib()
     t = time.perf_counter()
-    cert = companion.certify_sae(sae, X, args.lam, exact=True, **kwargs)
+    cert = companion.certify_sae(sae, X, args.lam, exact=True)
     seconds = time.perf_counter() - t
     ex, sa = cert.exact_codes, cert.sae_codes
     print(json.dumps({
-        "mode": args.mode, "rows": int(X.shape[0]), "seconds": round(seconds, 1),
+        "rows": int(X.shape[0]), "seconds": round(seconds, 1),
         "rows_per_s": round(X.shape[0] / seconds), "rss_before_mib": round(rss_before),
         "peak_rss_mib": round(_peak_mib()), "t1_exact_in_lam": ex.t1_violation_lam,
         "t1_sae_in_lam": sa.t1_violation_lam, "l0_sae": sa.l0, "l0_exact": ex.l0,
@@ -118,26 +111,23 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--work", default="/tmp/bench_certify_lm")
-    p.add_argument("--modes", default="cold,sae")
-    p.add_argument("--child", choices=("cold", "sae"), help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--x-path", help=argparse.SUPPRESS)
     p.add_argument("--sae-path", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        args.mode = args.child
         child(args)
         return
     x_path, sae_path = prepare(args)
     print(f"certify_sae on {x_path.name} with {sae_path.name}; {os.cpu_count()} CPU cores", flush=True)
-    for mode in args.modes.split(","):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", mode, "--x-path", str(x_path),
-             "--sae-path", str(sae_path), "--lam", str(args.lam)],
-            capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        if out.returncode:
-            print(out.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"the {mode} certificate failed (exit {out.returncode})")
-        print(out.stdout.strip().splitlines()[-1], flush=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", "--x-path", str(x_path), "--sae-path", str(sae_path),
+         "--lam", str(args.lam)],
+        capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"the certificate failed (exit {out.returncode})")
+    print(out.stdout.strip().splitlines()[-1], flush=True)
 
 
 if __name__ == "__main__":

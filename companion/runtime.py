@@ -55,7 +55,9 @@ def generator(seed: int) -> torch.Generator:
 def cpu_threads(n: int | None):
     """Run the block with ``n`` intra-op CPU threads (None: unchanged), then restore."""
     before = torch.get_num_threads()
-    if n is not None and n != before:
+    if n is not None:
+        # set even when torch reports n already: a library that resets OpenMP's count behind
+        # torch's back (SPAMS does) would otherwise leave the block on the wrong count
         torch.set_num_threads(n)
     try:
         yield
