@@ -68,7 +68,7 @@ from tqdm import tqdm
 from ._validation import as_tensor, check_dictionary, check_positive, check_positive_int, \
     check_columns
 from .certificates import CertificateReport, _best_new_atom, _certify_tensor
-from .coding import ConvergenceWarning, _encode_tensor, default_chunk_size, default_tol
+from .coding import ConvergenceWarning, _encode_tensor, _supports_of, default_chunk_size, default_tol
 from .runtime import cpu_threads, generator
 
 __all__ = ["DictionaryFit", "fit_dictionary"]
@@ -198,14 +198,8 @@ def _support_systems(Z, D, ridge):
     """
     K = D.shape[0]
     n = Z.shape[0]
-    pos = Z > 0
-    counts = pos.sum(1)
-    w = int(counts.max()) if n else 0
-    r, c = torch.nonzero(pos, as_tuple=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(r.numel(), device=Z.device) - starts[r]
-    idx = torch.full((n, w), K, dtype=torch.long, device=Z.device)
-    idx[r, slot] = c
+    idx, _ = _supports_of(Z, K, K)                   # cap K: every positive entry
+    w = idx.shape[1]
     Gp = D.new_zeros(K + 1, K + 1)
     Gp[:K, :K] = D @ D.T
     eye = torch.eye(w, dtype=D.dtype, device=D.device)
