@@ -26,19 +26,32 @@ CASES = {"symmetric": {}, "asymmetric": {"dense_range": (-0.6, 1.4)}, "coupled":
 LAM, N_ATOMS, N_SAMPLES = 0.3, 8, 4000
 
 
+def certified(fit) -> bool:
+    """T1 and T2 within 1e-6 at the fit's exact codes."""
+    c = fit.certificate
+    return bool(c.t1_violation <= 1e-6 and c.t2_violation <= 1e-6)
+
+
+def pair_codes_v(fit, pairs, v) -> bool:
+    """Whether one of the dense ``pairs`` of the fit has as members the atoms closest to +v and -v."""
+    v = v.to(fit.D)
+    ends = {int((fit.D @ v).argmax()), int((fit.D @ v).argmin())}
+    return any({p.first, p.second} == ends for p in pairs)
+
+
+def dense_pairs(fit):
+    """The fit's dense pairs (firing rate >= 0.1, decoder cosine <= -0.5)."""
+    return companion.find_dense_pairs(fit.Z, fit.D, min_rate=0.1).pairs
+
+
 def describe(fit, data, reference_loss=None):
     """Loss, certificate and dense pairs of one fit, as plain JSON values."""
-    c = fit.certificate
-    pairs = companion.find_dense_pairs(fit.Z, fit.D, min_rate=0.1).pairs
-    v = data.dense_direction.to(fit.D)
-    # a pair "codes v" when its members are the atoms closest to +v and -v
-    codes_v = any({p.first, p.second} == {int((fit.D @ v).argmax()), int((fit.D @ v).argmin())}
-                  for p in pairs)
+    pairs = dense_pairs(fit)
     out = {
         "loss": round(fit.loss, 8),
-        "certified": bool(c.t1_violation <= 1e-6 and c.t2_violation <= 1e-6),
+        "certified": certified(fit),
         "n_dense_pairs": len(pairs),
-        "pair_codes_v": bool(codes_v),
+        "pair_codes_v": pair_codes_v(fit, pairs, data.dense_direction),
         "pair_cosines": [round(p.decoder_cosine, 4) for p in pairs],
     }
     if reference_loss is not None:

@@ -31,24 +31,17 @@ import json
 import pathlib
 
 import torch
+from antipodal_restarts import CASES, LAM, N_ATOMS, N_SAMPLES, certified, dense_pairs, pair_codes_v
 
 import companion
 
-CASES = {"symmetric": {}, "asymmetric": {"dense_range": (-0.6, 1.4)}, "coupled": {"coupling": 0.5}}
-LAM, N_SAMPLES, N_SPARSE = 0.3, 4000, 6
+N_SPARSE = 6
 SAE = dict(steps=3000, batch_size=256, lr=3e-3, progress=False)
-
-
-def certified(fit) -> bool:
-    c = fit.certificate
-    return bool(c.t1_violation <= 1e-6 and c.t2_violation <= 1e-6)
 
 
 def pair_on_v(fit, v) -> bool:
     """Whether a dense pair of the fit has as members the atoms closest to +v and to -v."""
-    pairs = companion.find_dense_pairs(fit.Z, fit.D, min_rate=0.1).pairs
-    ends = {int((fit.D @ v).argmax()), int((fit.D @ v).argmin())}
-    return any({p.first, p.second} == ends for p in pairs)
+    return pair_codes_v(fit, dense_pairs(fit), v)
 
 
 def selection(seed: int, n_starts: int) -> dict:
@@ -58,8 +51,8 @@ def selection(seed: int, n_starts: int) -> dict:
         data = companion.dense_direction_data(N_SAMPLES, N_SPARSE, seed=seed, **kw)
         v = data.dense_direction
         D0 = torch.cat([data.sparse_features, v[None], -v[None]])
-        ref = companion.fit_dictionary(data.X, 8, LAM, init=D0, tol=1e-7, progress=False)
-        starts = [companion.fit_dictionary(data.X, 8, LAM, seed=s, n_restarts=1, tol=1e-7, progress=False)
+        ref = companion.fit_dictionary(data.X, N_ATOMS, LAM, init=D0, tol=1e-7, progress=False)
+        starts = [companion.fit_dictionary(data.X, N_ATOMS, LAM, seed=s, n_restarts=1, tol=1e-7, progress=False)
                   for s in range(n_starts)]
         out[name] = {
             "reference_loss": round(ref.loss, 8),
