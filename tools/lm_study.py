@@ -7,7 +7,8 @@ ladder (SAE loss >= F_b(D) >= Huber bound), T1 in units of lambda, T2, the best 
 dead atoms, L0, the amortisation gap and how far each SAE is from a loss plateau (the relative
 fall of its mean minibatch loss over the last fifth of training, Chapter 8's criterion), with
 the command that produced it. The JSON is rewritten after every SAE, so a run cut short by a
-time limit keeps what it finished (``"complete": false``).
+time limit keeps what it finished (``"complete": false``); the same command with ``--resume``
+runs only the SAEs still missing.
 
     python tools/lm_study.py --out lm_study.json                     # the default larger run
     python tools/lm_study.py --smoke --out /tmp/lm_smoke.json        # seconds: a check that it runs
@@ -56,6 +57,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="tiny configuration (1 layer, 600 tokens, width 64, 50 steps)")
     p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the SAEs already in --out (written by the same command) and run the rest")
     args = p.parse_args(argv)
     if args.smoke:
         args.layers, args.tokens, args.widths, args.lams = [3], 600, [64], [1.0]
@@ -98,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     device = companion.setup(seed=0)
     results, started = [], time.time()
     summary = {
-        "command": "python tools/lm_study.py " + " ".join(shlex.quote(a) for a in argv),
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "command": "python tools/lm_study.py " + " ".join(shlex.quote(a) for a in argv
+                                                          if a != "--resume"),
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "resume")},
         "device": str(device.type),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -107,9 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_layer": {},
         "results": results,
     }
+    earlier = 0.0
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        if old["config"] != summary["config"]:
+            raise SystemExit(f"--resume: {args.out} was written with another configuration "
+                             f"({old['command']}); rerun without --resume or with that command")
+        results.extend(old["results"])
+        earlier = old.get("seconds", 0.0)
+    done = {(r["layer"], r["lam"], r["width"], r["seed"], r["trainer"]) for r in results}
 
     def write():
-        summary["seconds"] = round(time.time() - started, 1)
+        summary["seconds"] = round(earlier + time.time() - started, 1)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)
@@ -126,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             for K in args.widths:
                 for seed in args.seeds:
                     for trainer in args.trainers:
+                        if (layer, lam, K, seed, trainer) in done:
+                            continue
                         t = time.time()
                         if trainer == "companion":
                             fit = companion.train_sae(X_train, K, lam, steps=args.steps,
