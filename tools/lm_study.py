@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     def write():
         summary["seconds"] = round(earlier + time.time() - started, 1)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+        with open(args.out + ".part", "w") as f:              # a reader never sees half a file
             json.dump(summary, f, indent=1)
+        os.replace(args.out + ".part", args.out)
 
     for layer in args.layers:
         acts = lm_activations(model=args.model, layer=layer, max_tokens=args.tokens, seed=0,
