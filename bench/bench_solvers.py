@@ -23,10 +23,13 @@ so ``alpha=λ``; skglm and celer minimise (1/(2 n_samples))‖y - Xw‖² + α�
 y (n_samples = d), so ``alpha=λ/d``. skglm and celer fit one row per call: they are timed
 on a subset of rows and their times scaled to all rows (printed as such).
 
-The OpenMP wait policy is printed: on a loaded machine the default spin-waiting of torch's
-threads costs several times the work (``OMP_WAIT_POLICY=PASSIVE`` avoids it).
+OpenMP's wait policy is set to ``PASSIVE`` unless the environment sets it (it must be set
+before torch and SPAMS load OpenMP, so it is set at the top of this script and printed): on
+a shared, loaded machine the default spin-waiting of idle OpenMP workers costs every tool
+(torch's products, SPAMS' threads) several times its work. Measured on 2 cores at load ~6:
+``encode`` on (a) 0.10 s passive against 0.18–0.29 s spinning, SPAMS 0.09 s against 0.11 s.
 
-Run:  PYTHONPATH=. python bench/bench_solvers.py [--rounds 5] [--sae-rows 10000]
+Run:  PYTHONPATH=. python bench/bench_solvers.py [--rounds 5] [--sae-rows 10000] [--parts abcd]
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ import sys
 import time
 import warnings
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before OpenMP loads (see above)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -335,17 +340,23 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
     ap.add_argument("--sae-rows", type=int, default=10000, help="rows of the warm-start run (c)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parts", default="abcd", help="which parts to run (letters a-d)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    X, D = make_data(4096, 64, 512)
-    encode_table("a", X, D, 0.1, args.rounds, subset=256)
-    X, D = make_data(512, 384, 4096, s=30, seed=1)
-    encode_table("b", X, D, 0.1, args.rounds, subset=32)
-    part_warm(args.sae_rows, threads=args.threads)
-    part_memory()
+    if "a" in args.parts:
+        X, D = make_data(4096, 64, 512)
+        encode_table("a", X, D, 0.1, args.rounds, subset=256)
+    if "b" in args.parts:
+        X, D = make_data(512, 384, 4096, s=30, seed=1)
+        encode_table("b", X, D, 0.1, args.rounds, subset=32)
+    if "c" in args.parts:
+        part_warm(args.sae_rows, threads=args.threads)
+    if "d" in args.parts:
+        part_memory()
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if torch.cuda.is_available():
         part_gpu()
     else:
