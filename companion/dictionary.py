@@ -223,6 +223,15 @@ def _support_systems(Z, D, ridge):
         yield s, ic, L, ok
 
 
+def _projectors(D, k1):
+    """Tangent projectors ``Π_k = I - d_k d_kᵀ`` of the atoms, then ``I`` for the bias
+    (``k1 = K + 1``), as (k1, d, d)."""
+    K, d = D.shape
+    Pi = torch.eye(d, dtype=D.dtype, device=D.device).expand(k1, d, d).clone()
+    Pi[:K] -= D.unsqueeze(2) * D.unsqueeze(1)
+    return Pi
+
+
 def _loss(X, D, Z, lam):
     R = X - Z @ D
     return float((0.5 * (R * R).sum(1) + lam * Z.sum(1)).mean()), R
@@ -719,8 +728,7 @@ class _Fit:
         TW = (W.reshape(n, -1).T @ (Zt.unsqueeze(2) * R.unsqueeze(1)).view(n, -1))
         TW = TW.view(k1, d, k1, d).permute(0, 3, 2, 1)  # [(l, b), (m, a)] -> [l, a, m, b]
         H = (H + TW + TW.permute(2, 3, 0, 1)) / n
-        Pi = eye.expand(k1, d, d).clone()               # Π_k = I - d_k d_kᵀ (bias: I)
-        Pi[:K] -= D.unsqueeze(2) * D.unsqueeze(1)
+        Pi = _projectors(D, k1)
         H = torch.einsum("lab,lbmc,mcd->lamd", Pi, H, Pi)
         proj = (D * Gd[:K]).sum(1)
         idx = torch.arange(K, device=D.device)
@@ -730,13 +738,12 @@ class _Fit:
     def dense_solve(self, D, H, M, mu, g):
         """The Newton direction ``(Hess + μ diag(M)) p = -g`` on the tangent space by a
         Cholesky factorisation (``None`` when that matrix is not positive definite). The
-        normal directions (and the atoms of a dead atom, ``M_k = 0``) get the block
-        ``M_k(I - Π_k)`` (identity when dead), which decouples them and gives them ``p = 0``."""
-        K, d = D.shape
+        normal directions get the block ``M_k(I - Π_k)`` and a dead atom (``M_k = 0``) the
+        identity, which decouples them from the tangent space and gives them ``p = 0``."""
+        d = D.shape[1]
         k1 = M.shape[0]
         A = H.view(k1, d, k1, d).clone()
-        Pi = torch.eye(d, dtype=D.dtype, device=D.device).expand(k1, d, d).clone()
-        Pi[:K] -= D.unsqueeze(2) * D.unsqueeze(1)
+        Pi = _projectors(D, k1)
         eye = torch.eye(d, dtype=D.dtype, device=D.device)
         Mv = M.view(k1, 1, 1)
         block = torch.where(Mv > 0, Mv * (mu * Pi + (eye - Pi)), eye)
@@ -754,9 +761,9 @@ class _Fit:
 
         The step solves ``(Hess + μ diag(M)) p = -g`` by truncated CG (or, with at most
         ``_DENSE_DIM`` unknowns, by a Cholesky factorisation of the assembled Hessian), with
-        ``M`` the per-atom curvature scale; ``μ`` shrinks when the loss falls as the fixed-support
-        model predicts and grows when it falls less (support changes the model does not
-        see), so far from a stationary point the step leans to the scaled gradient (the
+        ``M`` the per-atom curvature scale; ``μ`` shrinks when the loss falls as the
+        fixed-support model predicts and grows when it falls less (support changes the model
+        does not see), so far from a stationary point the step leans to the scaled gradient (the
         centroid step) and near one it is Newton's, which converges quadratically.
         """
         D, b = self.D, self.b
@@ -788,17 +795,23 @@ class _Fit:
             if state:
                 self.converged = True
                 return
-            Mr = M.unsqueeze(1)
-            inv = torch.where(Mr > 0, 1.0 / Mr.clamp(min=torch.finfo(M.dtype).tiny),
-                              torch.zeros_like(Mr))
             if g.numel() <= _DENSE_DIM:
                 H = self.dense_hessian(D, b, Z, R, G)
-                hv = lambda P: (H @ P.reshape(-1)).view_as(P)
-                solve = lambda mu: self.dense_solve(D, H, M, mu, g)
+
+                def hv(P, H=H):
+                    return (H @ P.reshape(-1)).view_as(P)
+
+                def solve(mu, H=H, M=M, g=g):
+                    return self.dense_solve(D, H, M, mu, g)
             else:
                 hv = self.hessian_model(D, b, Z, R, G)
+                Mr = M.unsqueeze(1)
+                inv = torch.where(Mr > 0, 1.0 / Mr.clamp(min=torch.finfo(M.dtype).tiny),
+                                  torch.zeros_like(Mr))
                 eta = min(0.5, t2 ** _ETA_POW)
-                solve = lambda mu: self.cg(lambda P: hv(P) + (mu * Mr) * P, g, inv, eta)
+
+                def solve(mu, hv=hv, Mr=Mr, inv=inv, eta=eta, g=g):
+                    return self.cg(lambda P: hv(P) + (mu * Mr) * P, g, inv, eta)
             step = None
             for _ in range(_MAX_BACKTRACK):
                 p = solve(mu)
