@@ -184,6 +184,26 @@ def test_fits_are_bitwise_reproducible_across_thread_counts():
     assert all(o == out[0] for o in out[1:])
 
 
+def test_dense_newton_fits_are_bitwise_reproducible_across_thread_counts():
+    """The dense Newton path (its Hessian assembled by products over all rows, n·d above
+    torch's parallel grain) gives the same bits whatever torch's thread setting, on the
+    fit's default one thread."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(4224, 8, generator=g, dtype=torch.float64) + 0.3
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with pytest.warns(ConvergenceWarning):
+                f = fit_dictionary(X, 12, 0.2, n_restarts=1, progress=False, max_iter=12,
+                                   fit_bias=True, method="newton")
+            out.append((f.D.numpy().tobytes(), f.bias.numpy().tobytes(), f.loss, f.history))
+    finally:
+        torch.set_num_threads(before)
+    assert out[0] == out[1]
+
+
 def test_new_argument_errors():
     X, _ = make_problem(20, 5, 5, 4)
     with pytest.raises(ValueError, match="method"):
