@@ -320,8 +320,10 @@ def fit_dictionary(
         ``"newton"``: block sweeps, then damped Riemannian Newton-CG below T2 = ``0.1`` with
         warm exact codes (faster on small dense problems, e.g. Gaussian data with d = 16;
         slower where d is large, e.g. MiniLM activations, d = 384, whose Hessian products
-        cost more than the L-BFGS steps they save); ``"sweeps"``: block sweeps with exact
-        codes to the end (the alternating minimisation of earlier versions).
+        cost more than the L-BFGS steps they save; with at most 128 unknowns, ``K·d`` plus
+        ``d`` for a bias, each step is a dense Cholesky solve instead of CG); ``"sweeps"``:
+        block sweeps with exact codes to the end (the alternating minimisation of earlier
+        versions).
     n_threads : int or None
         CPU intra-op threads during the fit (restored afterwards). The default, one, makes
         the fit's arithmetic independent of the machine's load and of torch's thread
