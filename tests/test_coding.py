@@ -440,3 +440,45 @@ def test_warm_start_from_dense_wrong_codes():
     assert info.converged
     np.testing.assert_allclose(Zi, Z, atol=1e-9)
     np.testing.assert_allclose(objective(X, D, Zi, lam), objective(X, D, Z, lam), atol=1e-12)
+
+
+def test_top_entries_per_row_counts():
+    """The screening/violator selection takes each row's own number of largest entries,
+    also past the fast topk width on some rows only (independent oracle: a full sort)."""
+    from companion.coding import _TOPK_FAST, _top_entries
+    g = torch.Generator().manual_seed(7)
+    corr = torch.randn(50, 200, generator=g, dtype=torch.float64)
+    nadd = torch.randint(1, 3 * _TOPK_FAST, (50,), generator=g)
+    val, col = _top_entries(corr, nadd)
+    assert val.shape[1] == int(nadd.max())
+    order = corr.sort(dim=1, descending=True)
+    for i, p in enumerate(nadd.tolist()):
+        assert torch.equal(val[i, :p], order.values[i, :p])
+        assert torch.equal(corr[i, col[i, :p]], val[i, :p])
+
+
+def test_threads_restored_and_products_threaded_alike(monkeypatch):
+    """encode runs its small kernels on one thread and restores torch's thread count; the
+    codes are the same bits whether the dense products run on one thread or two."""
+    import companion.coding as coding
+    X, D = make_problem(400, 32, 160, 47, s=5)
+    Xt, Dt = torch.from_numpy(X), torch.from_numpy(D)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Z2 = encode(Xt, Dt, 0.05)
+        assert torch.get_num_threads() == 2
+        seen = []
+        real = coding.cpu_threads
+
+        def spy(k):
+            seen.append(k)
+            return real(k)
+        monkeypatch.setattr(coding, "cpu_threads", spy)
+        Zs = encode(Xt, Dt, 0.05)
+        assert 1 in seen and 2 in seen                  # kernels on one, products on two
+        torch.set_num_threads(1)
+        Z1 = encode(Xt, Dt, 0.05)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(Z1, Z2) and torch.equal(Zs, Z2)
