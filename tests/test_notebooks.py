@@ -18,7 +18,21 @@ def test_every_chapter_is_paired_executed_and_set_up():
 def test_setup_cell_takes_the_repository_url_from_config():
     url = notebooks.repository_url()
     assert url.startswith("https://")
-    assert f"git+{url}" in notebooks.setup_cell_source()
+    assert f"git clone -q --depth 1 {url} " in notebooks.setup_cell_source()
+
+
+@pytest.mark.parametrize("chapter", ["ch01_sae_to_joint", "ch08_language_model"])
+def test_setup_cell_colab_branch_is_valid_ipython_and_works_in_the_clone(chapter):
+    """In Colab the cell clones the repository, installs it (with the chapter's extras) and
+    changes into its book/ folder, where the chapters' relative paths (../tools/...) resolve."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    source = notebooks.setup_cell_source(chapter)
+    compile(TransformerManager().transform_cell(source), chapter, "exec")
+    assert '%pip install -q "/content/optimality-companion' in source
+    assert source.index("git clone") < source.index("%pip") < source.index("%cd /content/optimality-companion/book")
+    if chapter in notebooks.CHAPTER_EXTRAS:
+        assert f"[{notebooks.CHAPTER_EXTRAS[chapter]}]" in source
 
 
 @pytest.mark.parametrize("md", notebooks.paired_chapters(), ids=lambda p: p.stem)

@@ -45,20 +45,25 @@ STATS = BOOK / "execution_stats.csv"
 STATS_HEADER = ["Chapter", "Cells", "Code cells", "Run time (s)", "CPU cores", "Device"]
 # Files outside the chapters whose install line names the repository URL.
 URL_FILES = ("README.md", "book/intro.md")
-# The URL part of `... @ git+URL"`, in a set-up cell or an install line.
+# The URL part of `... @ git+URL"`, in an install line of README or the intro.
 _GIT_URL = re.compile(r'(sae-optimality-companion(?:\[[\w,]+\])? @ git\+)([^"\s]+)(")')
 
 SETUP_CELL = """\
-# Set-up (the same in every chapter). In Colab: install `companion`, keeping
-# Colab's torch. Everywhere: seed all random streams and pick the device.
+# Set-up (the same in every chapter). In Colab: fetch the repository (some chapters read
+# results that its tools/ scripts wrote), install `companion` from it keeping Colab's torch,
+# and work in its book/ folder. Everywhere: seed all random streams and pick the device.
 import sys
 
 if "google.colab" in sys.modules:
-    %pip install -q "sae-optimality-companion{extras} @ git+{repo_url}"
+    !test -d /content/optimality-companion || git clone -q --depth 1 {repo_url} /content/optimality-companion
+    %pip install -q "/content/optimality-companion{extras}"
+    %cd /content/optimality-companion/book
 
 import companion
 
 device = companion.setup(seed=0)"""
+# The URL of the set-up cell's clone line.
+_CLONE_URL = re.compile(r"(git clone -q --depth 1 )(\S+)( /content/)")
 
 
 def repository_url(root: pathlib.Path = ROOT) -> str:
@@ -221,8 +226,10 @@ def record_stats(row: dict, path: pathlib.Path = STATS, book: pathlib.Path = BOO
 
 
 def rewrite_url(text: str, url: str) -> str:
-    """``text`` with the URL of every ``sae-optimality-companion @ git+URL"`` replaced by ``url``."""
-    return _GIT_URL.sub(lambda m: m.group(1) + url + m.group(3), text)
+    """``text`` with the URL of every ``sae-optimality-companion @ git+URL"`` install line and
+    of the set-up cell's ``git clone`` replaced by ``url``."""
+    swap = lambda m: m.group(1) + url + m.group(3)
+    return _CLONE_URL.sub(swap, _GIT_URL.sub(swap, text))
 
 
 def set_url(url: str | None = None, root: pathlib.Path = ROOT) -> list[pathlib.Path]:
