@@ -9,6 +9,7 @@ import torch
 from companion import ConvergenceWarning, encode, huber_bound, joint_loss
 from companion.certificates import certify
 from companion.dictionary import DictionaryFit, fit_dictionary
+from companion.runtime import cpu_threads
 
 from test_coding import make_problem
 
@@ -168,20 +169,21 @@ def test_fits_are_bitwise_reproducible_across_thread_counts():
     parallel grain, so the reductions would be split where a kernel splits them)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2112, 16, generator=g, dtype=torch.float64) + 0.3
-    before = torch.get_num_threads()
     out = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with cpu_threads(threads):
             for n_threads in (1, None):
                 with pytest.warns(ConvergenceWarning):
                     f = fit_dictionary(X, 24, 0.2, n_restarts=1, progress=False, max_iter=4,
                                        fit_bias=True, n_threads=n_threads)
-                out.append((f.D.numpy().tobytes(), f.bias.numpy().tobytes(), f.loss, f.history))
-            assert torch.get_num_threads() == threads         # the setting is restored
-    finally:
-        torch.set_num_threads(before)
+                out.append(_bits(f))
+                assert torch.get_num_threads() == threads     # the fit restores the setting
     assert all(o == out[0] for o in out[1:])
+
+
+def _bits(fit):
+    """Everything a fit returns that must repeat bit for bit."""
+    return fit.D.numpy().tobytes(), fit.bias.numpy().tobytes(), fit.loss, fit.history
 
 
 def test_dense_newton_fits_are_bitwise_reproducible_across_thread_counts():
@@ -190,17 +192,11 @@ def test_dense_newton_fits_are_bitwise_reproducible_across_thread_counts():
     fit's default one thread."""
     g = torch.Generator().manual_seed(1)
     X = torch.randn(4224, 8, generator=g, dtype=torch.float64) + 0.3
-    before = torch.get_num_threads()
     out = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with pytest.warns(ConvergenceWarning):
-                f = fit_dictionary(X, 12, 0.2, n_restarts=1, progress=False, max_iter=12,
-                                   fit_bias=True, method="newton")
-            out.append((f.D.numpy().tobytes(), f.bias.numpy().tobytes(), f.loss, f.history))
-    finally:
-        torch.set_num_threads(before)
+    for threads in (1, 2):
+        with cpu_threads(threads), pytest.warns(ConvergenceWarning):
+            out.append(_bits(fit_dictionary(X, 12, 0.2, n_restarts=1, progress=False, max_iter=12,
+                                            fit_bias=True, method="newton")))
     assert out[0] == out[1]
 
 
