@@ -14,7 +14,7 @@ from .losses import joint_loss, sae_loss
 from .runtime import generator, pick_device, setup
 from .data import SparseSuperposition, sparse_superposition
 from .sae import (AmortisationGap, SAETrainResult, VanillaSAE, amortisation_gap,
-                  train_sae)
+                  plateau_fall, train_sae)
 from .digits import DigitsActivations, digits_activations
 from .lm import LMActivations, lm_activations
 from .interop import (Checkpoint, CheckpointError, CheckpointWarning, LamMismatchError,
@@ -63,6 +63,7 @@ __all__ = [
     "SAETrainResult",
     "VanillaSAE",
     "amortisation_gap",
+    "plateau_fall",
     "train_sae",
     "DigitsActivations",
     "digits_activations",

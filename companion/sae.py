@@ -38,6 +38,7 @@ __all__ = [
     "SAETrainResult",
     "VanillaSAE",
     "amortisation_gap",
+    "plateau_fall",
     "train_sae",
 ]
 
@@ -398,6 +399,26 @@ class AmortisationGap:
     sae_loss: float
     exact_loss: float
     gap: float
+
+
+def plateau_fall(loss_history: Any, tail: float = 0.2) -> float:
+    """Relative fall of the mean training loss between the last two ``tail`` shares of training.
+
+    With ``m = ⌊tail · steps⌋``, the mean ``b`` of the minibatch losses of steps
+    ``[-2m, -m)`` and the mean ``a`` of the last ``m``: returns ``(b - a) / a``. Chapter 8
+    calls an SAE on a loss plateau when this is below 1% (about the noise of those means) at
+    a constant learning rate. ``loss_history`` is e.g. :attr:`SAETrainResult.loss_history`
+    or the history of :func:`companion.lm.train_saelens_sae`.
+    """
+    h = torch.as_tensor(loss_history, dtype=torch.float64).flatten()
+    m = int(len(h) * tail)
+    if not 0 < tail <= 0.5 or m < 1:
+        raise ValueError(f"plateau_fall: need 0 < tail <= 0.5 and at least one step in each share, "
+                         f"got tail={tail} with {len(h)} steps")
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("plateau_fall: loss_history holds NaN or Inf")
+    before, last = float(h[-2 * m:-m].mean()), float(h[-m:].mean())
+    return (before - last) / last
 
 
 def amortisation_gap(sae: VanillaSAE, X: Any, lam: float, **encode_kwargs: Any) -> AmortisationGap:

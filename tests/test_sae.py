@@ -185,3 +185,21 @@ def test_a_tensor_of_another_dtype_is_refused_with_the_fix():
     with pytest.raises(TypeError, match=r"float32 tensor but this SAE's parameters are torch.float64: "
                                         r"pass X.to\(torch.float64\)"):
         sae.encode(torch.zeros(2, 5))
+
+
+def test_plateau_fall_is_the_relative_fall_between_the_last_two_fifths():
+    history = [9.0] * 60 + [4.0] * 20 + [2.0] * 20        # fifths: ..., mean 4, then mean 2
+    assert companion.plateau_fall(history) == pytest.approx(1.0)
+    assert companion.plateau_fall([3.0] * 50) == 0.0
+    # 2.00, 1.99, ..., 1.00: the last 50 steps average 1.245, the 50 before them 1.745
+    assert companion.plateau_fall(np.linspace(2.0, 1.0, 101), tail=0.5) == pytest.approx(0.5 / 1.245)
+
+
+@pytest.mark.parametrize("history, tail, match", [
+    ([1.0] * 4, 0.2, "at least one step"),
+    ([1.0] * 10, 0.7, "tail"),
+    ([1.0] * 9 + [float("nan")], 0.2, "NaN"),
+])
+def test_plateau_fall_rejects_bad_inputs(history, tail, match):
+    with pytest.raises(ValueError, match=match):
+        companion.plateau_fall(history, tail=tail)

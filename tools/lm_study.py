@@ -66,14 +66,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def plateau_fall(history: list[float], tail: float = 0.2) -> float:
-    """Relative fall of the mean minibatch loss from the second-to-last to the last fifth."""
-    h = torch.tensor(history, dtype=torch.float64)
-    m = int(len(h) * tail)
-    before, last = float(h[-2 * m:-m].mean()), float(h[-m:].mean())
-    return (before - last) / last
-
-
 def summarise(sae, X_test: torch.Tensor, lam: float) -> dict:
     """The held-out certificates of one SAE as plain numbers."""
     cert = certify_sae(sae, X_test, lam)
@@ -158,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                 checkpoint_lam(run.checkpoint, lam)
                                 sae, history = run.sae, run.loss_history
                         row = {"layer": layer, "lam": lam, "width": K, "seed": seed,
-                               "trainer": trainer, "plateau_fall": plateau_fall(history),
+                               "trainer": trainer, "plateau_fall": companion.plateau_fall(history),
                                "train_loss_last_fifth": float(torch.tensor(
                                    history[-len(history) // 5:]).mean()),
                                **summarise(sae, X_test, lam),
