@@ -21,7 +21,8 @@ over the product of spheres (and, with ``fit_bias=True``, over an unpenalised de
    so several sweeps cost far less than one encode. The codes are only improved by a few
    active-set rounds from the previous ones (a descent step: every iterate of the encoder is
    feasible and lowers the objective), and an extrapolation step on ``D`` with a monotone
-   safeguard speeds up the linear tail.
+   safeguard speeds up the linear tail. The sweeps hand over to phase 2 once T2 is small, or
+   once they stall (T2 not halved in ten iterations).
 2. **Riemannian L-BFGS** (the default) or **Newton-CG** (``method="newton"``) once the T2
    violation is below ``1e-2`` (``0.1`` for Newton). The gradient of ``F_b`` is Danskin's
    (Chapter 2): ``∇_{d_k} F = -(1/N) Σ_n z_kn r_n`` and ``∇_b F = -(1/N) Σ_n r_n``, at exact codes; its
@@ -71,8 +72,8 @@ from tqdm import tqdm
 from ._validation import as_tensor, check_dictionary, check_positive, check_positive_int, \
     check_columns
 from .certificates import CertificateReport, _best_new_atom, _certify_tensor
-from .coding import ConvergenceWarning, _Dict, _encode_tensor, _supports_of, default_chunk_size, \
-    default_tol
+from .coding import (_BUCKET_ROWS, _BUCKET_WIDTH, _BUCKETS, ConvergenceWarning, _Dict,
+                     _encode_tensor, _supports_of, default_chunk_size, default_tol)
 from .runtime import cpu_threads, generator
 
 __all__ = ["DictionaryFit", "fit_dictionary"]
@@ -84,6 +85,12 @@ _EXACT_BELOW = 1e-1
 #: The same for ``method="lbfgs"`` and ``"sweeps"`` (as before the Newton phase, so that
 #: those methods give the same fits as then).
 _EXACT_BELOW_QN = 1e-2
+#: The block sweeps stall, and the second-order phase starts whatever T2 is, when the lowest
+#: T2 of their last ``_STALL`` iterates is not half the lowest of the ``_STALL`` before (the
+#: sweeps' codes are a few active-set rounds, not exact, and on MiniLM activations, n = 10⁴,
+#: K = 1536, T2 hovers at 0.05-0.15 for tens of sweeps, far above ``_EXACT_BELOW_QN``; there
+#: L-BFGS from the start was lower after 107 s, 21.036, than the sweeps after 151 s, 21.049).
+_STALL = 10
 #: T2 at which ``finish_restarts="best"`` compares the restarts.
 _SCREEN = 1e-2
 #: Pairs kept by L-BFGS.
@@ -106,6 +113,13 @@ _MAX_TURN = 1.0
 #: of size n × (K'd)², about as much as the CG iterations it replaces at this size
 #: (measured equal at K'd = 128, Gaussian (1000, 8), K = 16; 0.66x the CPU at K'd = 48).
 _DENSE_DIM = 128
+#: Products with the codes go through a CSR copy (:func:`_products`) when the codes have at
+#: least this many entries and at most one in ``_SPARSE_DIV`` nonzero. Measured on one
+#: thread (``Z D``, ``Zᵀ X`` and ``Zᵀ Z`` together, d = 384, the CSR copy included): 1.4x
+#: faster at n = 4000, K = 192 (5% nonzero), 4.5x at K = 768 (1.6%), 5.2x at n = 10⁴,
+#: K = 1536 (1.4%); 0.7x (slower) at n = 1024, K = 64 (6%).
+_SPARSE_MIN = 1 << 19
+_SPARSE_DIV = 8
 
 
 @dataclass
@@ -199,28 +213,43 @@ def _sweeps(A, B, D, n_sweeps, bias=None):
 def _support_systems(Z, D, ridge):
     """Padded supports of the rows of ``Z`` and their Gram blocks, factorised.
 
-    Yields ``(start, idx, L, ok)`` for chunks of rows (about 2**22 Gram entries each, so
-    memory stays bounded): ``idx`` (m, w) holds each row's positive columns, padded with
-    ``K`` (padding entries get an identity block and, from the callers, a zero right-hand
-    side, so they solve to zero), ``L`` the Cholesky factors of ``G = D_S D_Sᵀ`` and ``ok``
-    the rows whose block was positive definite (the others got a small ridge). The blocks
-    are gathered by :class:`companion.coding._Dict` (from its Gram matrix when it has one).
+    Yields ``(rows, idx, L, ok)`` for groups of rows (about 2**22 Gram entries each, so
+    memory stays bounded): ``rows`` (m,) their indices in ``Z``, ``idx`` (m, w) each row's
+    positive columns in increasing order, padded with ``K`` (padding entries get an identity
+    block and, from the callers, a zero right-hand side, so they solve to zero), ``L`` the
+    Cholesky factors of ``G = D_S D_Sᵀ`` and ``ok`` the rows whose block was positive
+    definite (the others got a small ridge). The blocks are gathered by
+    :class:`companion.coding._Dict` (from its Gram matrix when it has one). Long supports
+    (``_BUCKET_WIDTH`` atoms or more somewhere) are factorised as encode does, rows sorted by
+    support size in up to ``_BUCKETS`` groups, each padded to its own widest support: a
+    factorisation costs the cube of the padded width (MiniLM codes, n = 10⁴, K = 1536: 22
+    atoms a row on average, 63 at most).
     """
     K = D.shape[0]
     n = Z.shape[0]
     idx, _ = _supports_of(Z, K, K)                   # cap K: every positive entry
-    w = idx.shape[1]
     Dc = _Dict(D)
-    eye = torch.eye(w, dtype=D.dtype, device=D.device)
-    step = max(1, (1 << 22) // max(1, w * w))
-    for s in range(0, n, step):
-        ic = idx[s:s + step]
-        G = Dc.gram(ic)
-        L, info = torch.linalg.cholesky_ex(G)
-        ok = info == 0
-        if not bool(ok.all()):
-            L[~ok] = torch.linalg.cholesky(G[~ok] + (1e4 * ridge + 1e-8) * eye)
-        yield s, ic, L, ok
+    allrows = torch.arange(n, device=Z.device)
+    if idx.shape[1] >= _BUCKET_WIDTH and n >= 2 * _BUCKET_ROWS:
+        order = torch.sort((idx < K).sum(1), stable=True).indices
+        n_groups = min(_BUCKETS, n // _BUCKET_ROWS)
+        groups = [order[n * g // n_groups:n * (g + 1) // n_groups] for g in range(n_groups)]
+    else:
+        groups = [allrows]
+    for rows_g in groups:
+        ig = idx.index_select(0, rows_g)
+        w = int((ig < K).sum(1).max()) if ig.numel() else 0
+        ig = ig[:, :w]                               # a row's padding comes after its atoms
+        eye = torch.eye(w, dtype=D.dtype, device=D.device)
+        step = max(1, (1 << 22) // max(1, w * w))
+        for s in range(0, rows_g.shape[0], step):
+            ic = ig[s:s + step]
+            G = Dc.gram(ic)
+            L, info = torch.linalg.cholesky_ex(G)
+            ok = info == 0
+            if not bool(ok.all()):
+                L[~ok] = torch.linalg.cholesky(G[~ok] + (1e4 * ridge + 1e-8) * eye)
+            yield rows_g[s:s + step], ic, L, ok
 
 
 def _projectors(D, k1):
@@ -232,8 +261,22 @@ def _projectors(D, k1):
     return Pi
 
 
-def _loss(X, D, Z, lam):
-    R = X - Z @ D
+def _products(Z):
+    """``Z`` itself, or a CSR copy of it where products with it cost less that way: the fit
+    multiplies codes by dense matrices (``Z D``, ``Zᵀ X``, ``Zᵀ Z``, ``Zᵀ R``), and exact codes
+    are sparse (an SAE's: a few percent of the entries). Both kinds take ``Z @ Y`` and
+    ``Z.t() @ Y``. Sparse where ``Z`` has at least ``_SPARSE_MIN`` entries, at most one in
+    ``_SPARSE_DIV`` of them nonzero (see there for the measurements)."""
+    if Z.numel() < _SPARSE_MIN or int(torch.count_nonzero(Z)) * _SPARSE_DIV > Z.numel():
+        return Z
+    with warnings.catch_warnings():                     # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return Z.to_sparse_csr()
+
+
+def _loss(X, D, Z, lam, Zs=None):
+    """The joint loss of ``(D, Z)`` on ``X`` and the residuals (``Zs``: ``_products(Z)``)."""
+    R = X - (_products(Z) if Zs is None else Zs) @ D
     return float((0.5 * (R * R).sum(1) + lam * Z.sum(1)).mean()), R
 
 
@@ -267,8 +310,9 @@ def fit_dictionary(
     ``b = 0``) until the T2 violation
     :math:`\max_k\|(I-d_kd_k^\top)\sum_n z_{kn}r_n\|/(\|z_k\|_2^2+\lambda\|z_k\|_1)` is at most
     ``tol`` (and, with a bias, :math:`\|\frac1N\sum_n r_n\|\le` ``tol``, its stationarity
-    condition, Chapter 1) at exact codes (T1). While that violation exceeds ``0.1``,
-    ``n_sweeps`` block sweeps :math:`d_k\leftarrow\mathrm{normalise}(\sum_n z_{kn}e_n^{(k)})`
+    condition, Chapter 1) at exact codes (T1). While that violation exceeds ``1e-2``
+    (``0.1`` for Newton) and the sweeps still halve it within ten iterations, ``n_sweeps``
+    block sweeps :math:`d_k\leftarrow\mathrm{normalise}(\sum_n z_{kn}e_n^{(k)})`
     (T2 in centroid form) alternate with three active-set rounds of the codes; then
     Riemannian L-BFGS (default) or damped Riemannian Newton-CG (``method="newton"``: the
     Hessian of the value function with the supports held fixed) on the spheres takes over,
@@ -481,17 +525,19 @@ class _Fit:
         """
         lam = self.lam
         K = D.shape[0]
-        C = torch.cat([Xc @ D.T, Xc.new_full((Xc.shape[0], 1), lam)], 1)
+        C = Xc.new_empty(Xc.shape[0], K + 1)
+        torch.mm(Xc, D.T, out=C[:, :K])
+        C[:, K] = lam
         Zn = torch.zeros(Xc.shape[0], K + 1, dtype=Xc.dtype, device=Xc.device)
         good = torch.ones(Xc.shape[0], dtype=torch.bool, device=Xc.device)
-        for s, ic, L, ok in _support_systems(Z, D, self.ridge):
-            m = ic.shape[0]
-            zs = torch.cholesky_solve((C[s:s + m].gather(1, ic) - lam).unsqueeze(2), L).squeeze(2)
+        for rows, ic, L, ok in _support_systems(Z, D, self.ridge):
+            flat = (rows * (K + 1)).unsqueeze(1) + ic      # entries of C and Zn (row stride K+1)
+            zs = torch.cholesky_solve((C.view(-1)[flat] - lam).unsqueeze(2), L).squeeze(2)
             valid = ic < K
-            good[s:s + m] = ok & ((zs > 0) | ~valid).all(1)
-            Zn[s:s + m].scatter_(1, ic, torch.where(valid, zs, torch.zeros_like(zs)))
-        Zn = Zn[:, :K]
-        V = (Xc - Zn @ D) @ D.T - lam                    # d_kᵀ r - λ
+            good[rows] = ok & ((zs > 0) | ~valid).all(1)
+            Zn.view(-1)[flat] = torch.where(valid, zs, torch.zeros_like(zs))
+        Zn = Zn[:, :K].contiguous()
+        V = (Xc - _products(Zn) @ D) @ D.T - lam        # d_kᵀ r - λ
         viol = torch.where(Zn > 0, V.abs(), V.clamp(min=0)).amax(1) if K else V.new_zeros(len(V))
         eps = torch.finfo(Xc.dtype).eps
         good &= viol <= torch.clamp(4.0 * eps * Xc.norm(dim=1), min=self.etol * lam)
@@ -569,7 +615,7 @@ class _Fit:
                 # tol (very tight tolerances): exact block sweeps finish, as in method="sweeps"
                 self.method = "sweeps"
                 Xc = self.centred()
-                self.sweep_phase(Xc - self.Z @ self.D)
+                self.sweep_phase(Xc - _products(self.Z) @ self.D)
         self.state = "done"
         self.bar.close()
         if not self.exact:                  # stopped early (max_iter, time_limit): exact codes
@@ -579,8 +625,9 @@ class _Fit:
             self.message = "converged"
         else:
             Xc = self.centred()
-            R = Xc - self.Z @ self.D
-            t2 = _t2(self.Z.T @ R, (self.Z * self.Z).sum(0), self.zsum, self.D, self.lam)
+            Zs = _products(self.Z)
+            R = Xc - Zs @ self.D
+            t2 = _t2(Zs.t() @ R, (self.Z * self.Z).sum(0), self.zsum, self.D, self.lam)
             bv = self.bias_violation(R)
             self.message += f" with T2 = {t2:.3g}" + (f", |mean r| = {bv:.3g}" if self.b is not None
                                                      else "") + f" (tol {self.tol:g})"
@@ -588,24 +635,30 @@ class _Fit:
         return self
 
     def sweep_phase(self, R):
-        """Block sweeps until T2 <= ``_EXACT_BELOW`` (then the second-order phase) or, with
-        ``method='sweeps'``, to the end; True: stop."""
+        """Block sweeps until T2 <= ``_EXACT_BELOW`` or the sweeps stall (then the
+        second-order phase) or, with ``method='sweeps'``, to the end; True: stop."""
         X, lam = self.X, self.lam
         beta = 1.0
+        swept = []                                       # T2 of this phase's iterates
         while True:
             Xc = self.centred()
             Z = self.Z
-            A, B = Z.T @ Xc, Z.T @ Z
+            Zs = _products(Z)
+            A, B = Zs.t() @ Xc, Zs.t() @ Z
             t2 = _t2(A - B @ self.D, B.diagonal(), self.zsum, self.D, lam)
             bias_v = self.bias_violation(R)
             below = _EXACT_BELOW if self.method == "newton" else _EXACT_BELOW_QN
-            if not self.exact and t2 <= max(below, self.tol):
+            swept.append(t2)
+            stalled = (self.method != "sweeps" and len(swept) >= 2 * _STALL
+                       and min(swept[-_STALL:]) > 0.5 * min(swept[-2 * _STALL:-_STALL]))
+            if not self.exact and (t2 <= max(below, self.tol) or stalled):
                 self.exact = True
                 R = self.set_codes(self.enc(Xc, self.D, Z))
                 if self.method != "sweeps":
                     return False
                 Z = self.Z
-                A, B = Z.T @ Xc, Z.T @ Z
+                Zs = _products(Z)
+                A, B = Zs.t() @ Xc, Zs.t() @ Z
                 t2 = _t2(A - B @ self.D, B.diagonal(), self.zsum, self.D, lam)
                 bias_v = self.bias_violation(R)
             state = self.record(t2, bias_v)
@@ -660,13 +713,14 @@ class _Fit:
         """
         K = D.shape[0]
         n = Z.shape[0]
-        Zp = torch.cat([Z, Z.new_zeros(n, 1)], 1)
-        # inverse Gram blocks (many products per factorisation). The products with Z and R
-        # are dense: gathering the support atoms instead costs more memory traffic than it
-        # saves flops (measured at n=10⁴, K=1536, d=384 with ~22 atoms a row)
-        chunks = [(s, ic, torch.cholesky_inverse(L))
-                  for s, ic, L, _ in _support_systems(Z, D, self.ridge)]
+        # inverse Gram blocks (many products per factorisation)
+        chunks = [(rows, ic, torch.cholesky_inverse(L))
+                  for rows, ic, L, _ in _support_systems(Z, D, self.ridge)]
         proj = (D * Gd[:K]).sum(1, keepdim=True)  # d_kᵀ ∇_k F (the Weingarten term)
+        Zs = _products(Z)
+        if Zs is not Z:
+            return self._sparse_hv(D, b, Z, Zs, R, chunks, proj)
+        Zp = torch.cat([Z, Z.new_zeros(n, 1)], 1)
 
         def hv(P):
             U = P[:K]
@@ -676,12 +730,51 @@ class _Fit:
                 ZU = ZU + ub
             Q = torch.cat([R @ U.T - ZU @ D.T, Z.new_zeros(n, 1)], 1)
             dZ = torch.zeros_like(Zp)
-            for s, ic, Gi in chunks:
-                a = Q[s:s + ic.shape[0]].gather(1, ic)
-                dZ[s:s + ic.shape[0]].scatter_(1, ic, (Gi * a.unsqueeze(1)).sum(2))
+            for rows, ic, Gi in chunks:
+                flat = (rows * (K + 1)).unsqueeze(1) + ic
+                dZ.view(-1)[flat] = (Gi * Q.view(-1)[flat].unsqueeze(1)).sum(2)
             dZ = dZ[:, :K]
             dR = -(dZ @ D) - ZU
             H = -(dZ.T @ R + Z.T @ dR) / n
+            H = H - (H * D).sum(1, keepdim=True) * D - proj * U
+            if ub is not None:
+                H = torch.cat([H, -dR.mean(0, keepdim=True)])
+            return H
+        return hv
+
+    def _sparse_hv(self, D, b, Z, Zs, R, chunks, proj):
+        """:meth:`hessian_model`'s product for sparse codes (``Zs``, their CSR copy): the same
+        formulas, with ``q = U_S r - D_S(zU + u_b)`` sampled on the supports only
+        (``torch.sparse.sampled_addmm``) instead of two dense (n, K) products, and ``dZ``
+        kept in the codes' sparsity pattern. The support entries of ``Zs`` (row-major) are
+        the padded supports of :func:`_support_systems` (slot ``j`` of a row is its
+        ``j``-th nonzero column), so values move between the two layouts by index."""
+        K = D.shape[0]
+        n = Z.shape[0]
+        crow, col = Zs.crow_indices(), Zs.col_indices()
+        rows = torch.repeat_interleave(torch.arange(n, device=Z.device), crow[1:] - crow[:-1])
+        slot = torch.arange(col.numel(), device=Z.device) - crow[:-1][rows]
+        w = max((ic.shape[1] for _, ic, _ in chunks), default=0)
+
+        def hv(P):
+            U = P[:K]
+            ub = None if b is None else P[K]
+            ZU = Zs @ U
+            if ub is not None:
+                ZU = ZU + ub
+            with warnings.catch_warnings():             # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                q = torch.sparse.sampled_addmm(Zs, torch.cat([R, -ZU], 1),
+                                               torch.cat([U, D], 1).T, beta=0.0).values()
+                Q = Z.new_zeros(n, w)
+                Q[rows, slot] = q
+                dz = torch.zeros_like(Q)
+                for rg, ic, Gi in chunks:               # a group's supports: its first slots
+                    w_g = ic.shape[1]
+                    dz[rg, :w_g] = torch.bmm(Gi, Q[rg, :w_g].unsqueeze(2)).squeeze(2)
+                dZ = torch.sparse_csr_tensor(crow, col, dz[rows, slot], size=Z.shape)
+                dR = -(dZ @ D) - ZU
+                H = -(dZ.t() @ R + Zs.t() @ dR) / n
             H = H - (H * D).sum(1, keepdim=True) * D - proj * U
             if ub is not None:
                 H = torch.cat([H, -dR.mean(0, keepdim=True)])
@@ -711,10 +804,11 @@ class _Fit:
         k1 = K if b is None else K + 1
         Zt = Z if b is None else torch.cat([Z, Z.new_ones(n, 1)], 1)
         Mt = Z.new_zeros(n, K + 1, K + 1)
-        for s, ic, L, _ in _support_systems(Z, D, self.ridge):
+        for rows, ic, L, _ in _support_systems(Z, D, self.ridge):
             m = ic.shape[0]
-            flat = ((ic * (K + 1)).unsqueeze(2) + ic.unsqueeze(1)).view(m, -1)
-            Mt[s:s + m].view(m, -1).scatter_(1, flat, torch.cholesky_inverse(L).reshape(m, -1))
+            flat = ((rows * (K + 1) ** 2).view(m, 1, 1) + (ic * (K + 1)).unsqueeze(2)
+                    + ic.unsqueeze(1))
+            Mt.view(-1)[flat] = torch.cholesky_inverse(L)
         Mt[:, K] = 0                                   # index K: the supports' padding
         Mt[:, :, K] = 0
         Mt = Mt[:, :k1, :k1]
@@ -883,8 +977,9 @@ class _Fit:
         gradient rows ``G``, the per-row curvature scale ``M`` and ``V = ZᵀR``."""
         Xc = self.X if b is None else self.X - b
         Z = self.enc(Xc, D, Z)
-        loss, R = _loss(Xc, D, Z, self.lam)
-        V = Z.T @ R                                      # Σ_n z_kn r_n = -N ∇_{d_k} F
+        Zs = _products(Z)
+        loss, R = _loss(Xc, D, Z, self.lam, Zs)
+        V = Zs.t() @ R                                   # Σ_n z_kn r_n = -N ∇_{d_k} F
         zsum = Z.sum(0)
         G = -V / self.n
         M = ((Z * Z).sum(0) + self.lam * zsum) / self.n  # (‖z_k‖² + λ‖z_k‖₁) / N

@@ -344,3 +344,82 @@ def test_dense_newton_from_a_far_start_against_a_generic_solver():
     opt = scipy.optimize.minimize(value_and_grad, fit.D.ravel(), jac=True, method="BFGS",
                                   options={"gtol": 1e-10})
     assert opt.fun >= fit.loss - 1e-10
+
+
+def _fit_state(X, D, b, lam, method="newton"):
+    """A ``_Fit`` with exact codes on, for tests of its pieces."""
+    from companion.dictionary import _Fit
+    f = _Fit(X, D, b, lam=lam, tol=1e-6, max_iter=10, n_sweeps=3, etol=1e-12, chunk_size=4096,
+             resample_dead=False, extrapolate=True, progress=False, time_limit=None,
+             callback=None, method=method, label="")
+    f.exact = True
+    return f
+
+
+@pytest.mark.parametrize("fit_bias", [False, True])
+def test_sparse_code_products_match_the_dense_ones(monkeypatch, fit_bias):
+    """Sparse codes are multiplied through a CSR copy (large, sparse problems): the loss, the
+    Danskin gradient and the Newton Hessian product (supports sampled by sampled_addmm)
+    agree with the dense products to rounding on the same point."""
+    import companion.dictionary as cd
+    X, D = make_problem(600, 24, 96, 5, s=3)
+    Xt, Dt = torch.from_numpy(X), torch.from_numpy(D)
+    b = 0.1 * Xt.mean(0) if fit_bias else None
+    f = _fit_state(Xt, Dt, b, 0.05)
+    Z, loss, R, G, M, zsum, V = f.evaluate(Dt, b, None)
+    assert cd._products(Z) is Z                         # 57,600 entries: dense by default
+    hv = f.hessian_model(Dt, b, Z, R, G)
+    monkeypatch.setattr(cd, "_SPARSE_MIN", 0)
+    assert cd._products(Z).layout == torch.sparse_csr
+    Z2, loss2, R2, G2, *_ = f.evaluate(Dt, b, None)
+    hv2 = f.hessian_model(Dt, b, Z, R, G)
+    assert torch.equal(Z, Z2) and abs(loss - loss2) <= 1e-13
+    assert float((G - G2).abs().max()) <= 1e-14
+    P = f.tangent(Dt, torch.randn(G.shape, generator=torch.Generator().manual_seed(0),
+                                  dtype=torch.float64))
+    assert float((hv(P) - hv2(P)).abs().max()) <= 1e-12 * float(hv(P).abs().max())
+
+
+def test_long_supports_are_factorised_in_groups_and_stay_exact():
+    """Supports of 24 atoms or more are factorised in groups of rows of similar size: every
+    row appears in exactly one group with its own support, and the Newton phase's warm
+    codes from them (old supports re-solved at a moved dictionary) are encode's codes."""
+    from companion.dictionary import _support_systems
+    X, D = make_problem(300, 64, 128, 2, s=30, noise=0.02)
+    Xt, Dt = torch.from_numpy(X), torch.from_numpy(D)
+    Z = torch.from_numpy(encode(X, D, 0.02))
+    counts = (Z > 0).sum(1)
+    assert int(counts.max()) >= 24 and int(counts.min()) < int(counts.max())
+    seen = torch.zeros(300, dtype=torch.long)
+    widths = set()
+    for rows, ic, L, ok in _support_systems(Z, Dt, 1e-12):
+        seen[rows] += 1
+        widths.add(ic.shape[1])
+        assert bool(ok.all())
+        for r, i in zip(rows.tolist(), ic):
+            assert i[i < 128].tolist() == torch.nonzero(Z[r] > 0).flatten().tolist()
+    assert bool((seen == 1).all()) and len(widths) > 1
+    f = _fit_state(Xt, Dt, None, 0.02)
+    Dn = Dt + 1e-3 * torch.randn(Dt.shape, generator=torch.Generator().manual_seed(1),
+                                 dtype=torch.float64)
+    Dn = Dn / Dn.norm(dim=1, keepdim=True)
+    Ze = torch.from_numpy(encode(X, Dn.numpy(), 0.02, tol=1e-12))
+    assert float((f.warm_exact(Xt, Dn, Z) - Ze).abs().max()) <= 1e-8
+
+
+def test_stalled_sweeps_hand_over_to_the_quasi_newton_phase(monkeypatch):
+    """With the hand-over threshold out of reach, the block sweeps' codes never become exact,
+    so only the stall rule (T2 not halved in ``_STALL`` sweeps) can start the L-BFGS phase;
+    the fit still ends at a certified stationary point, after the switch."""
+    import companion.dictionary as cd
+    monkeypatch.setattr(cd, "_EXACT_BELOW_QN", 0.0)
+    monkeypatch.setattr(cd, "_STALL", 2)
+    at_switch = []
+    lbfgs = cd._Fit.lbfgs_phase
+    monkeypatch.setattr(cd._Fit, "lbfgs_phase",
+                        lambda self: (at_switch.append(self.t2h[-1]), lbfgs(self))[1])
+    X, _ = make_problem(200, 8, 10, 0, s=2)
+    fit = fit_dictionary(X, 10, 0.1, n_restarts=1, progress=False, tol=1e-7, n_sweeps=1,
+                         extrapolate=False)
+    assert len(at_switch) == 1 and at_switch[0] > 1e3 * 1e-7     # not the tolerance's switch
+    assert fit.converged and certify(X, fit.D, 0.1).t2_violation <= 1e-7
