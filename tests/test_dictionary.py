@@ -381,7 +381,7 @@ def test_sparse_code_products_match_the_dense_ones(monkeypatch, fit_bias):
 
 
 def test_long_supports_are_factorised_in_groups_and_stay_exact():
-    """Supports of 24 atoms or more are factorised in groups of rows of similar size: every
+    """Long supports (here 24 atoms or more) are factorised in groups of rows of similar size: every
     row appears in exactly one group with its own support, and the Newton phase's warm
     codes from them (old supports re-solved at a moved dictionary) are encode's codes."""
     from companion.dictionary import _support_systems
