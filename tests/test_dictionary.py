@@ -423,3 +423,23 @@ def test_stalled_sweeps_hand_over_to_the_quasi_newton_phase(monkeypatch):
                          extrapolate=False)
     assert len(at_switch) == 1 and at_switch[0] > 1e3 * 1e-7     # not the tolerance's switch
     assert fit.converged and certify(X, fit.D, 0.1).t2_violation <= 1e-7
+
+
+def test_a_dead_atom_is_not_reseeded_below_the_rounding_of_the_loss():
+    """More atoms than directions (Chapter 6's rays: K = 5 for m = 4): one atom stays dead at
+    the optimum, and its best replacement there gains less than the rounding level of the
+    loss. The fit must not keep re-seeding it (that reset L-BFGS every iteration and ran to
+    max_iter); it ends at a certified stationary point on the Huber bound (T4)."""
+    from companion.runtime import generator
+    g = generator(0)
+    rays = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    rays = rays / rays.norm(dim=1, keepdim=True)
+    ray_of = torch.arange(60) % 5
+    norms = 0.6 + 1.4 * torch.rand(60, generator=g, dtype=torch.float64)
+    short = ray_of == 4
+    norms[short] = 0.05 + 0.4 * torch.rand(int(short.sum()), generator=g, dtype=torch.float64)
+    X = norms[:, None] * rays[ray_of]
+    fit = fit_dictionary(X, 5, 0.5, n_restarts=1, seed=0, progress=False)
+    assert fit.converged and fit.n_iter < 100
+    assert fit.certificate.t2_violation <= 1e-6
+    assert abs(fit.loss - huber_bound(X, 0.5)) <= 1e-9
