@@ -268,6 +268,22 @@ def _projectors(D, k1):
     return Pi
 
 
+def _direction_rows(P, K, b, Zm):
+    """A direction's atom rows ``U``, its bias row ``u_b`` (``None`` without a bias) and
+    ``zU + u_b`` for every row of the codes (``Zm``: the codes or their CSR copy)."""
+    U = P[:K]
+    ub = None if b is None else P[K]
+    ZU = Zm @ U
+    return U, ub, ZU if ub is None else ZU + ub
+
+
+def _riemannian_rows(H, D, U, proj, ub, dR):
+    """The Riemannian Hessian product from the Euclidean one ``H`` (atom rows): the tangent
+    projection, minus the Weingarten term ``proj · U``, then the bias row ``-mean(dR)``."""
+    H = H - (H * D).sum(1, keepdim=True) * D - proj * U
+    return H if ub is None else torch.cat([H, -dR.mean(0, keepdim=True)])
+
+
 def _products(Z):
     """``Z`` itself, or a CSR copy of it where products with it cost less that way: the fit
     multiplies codes by dense matrices (``Z D``, ``Zᵀ X``, ``Zᵀ Z``, ``Zᵀ R``), and exact codes
@@ -753,11 +769,7 @@ class _Fit:
         RdR = torch.cat([R, R], 0)                            # [dR; R] of every call
 
         def hv(P):
-            U = P[:K]
-            ub = None if b is None else P[K]
-            ZU = Z @ U
-            if ub is not None:
-                ZU = ZU + ub
+            U, ub, ZU = _direction_rows(P, K, b, Z)
             # q = U_S r - D_S(zU + u_b), and G dz_S = q on every support
             torch.neg(ZU, out=RZ[:, R.shape[1]:])
             torch.mm(RZ, torch.cat([U, D], 1).T, out=Q[:, :K])
@@ -768,11 +780,7 @@ class _Fit:
             # dZᵀR + ZᵀdR as one product
             ZdZ[n:] = dZk
             RdR[:n] = dR
-            H = -(ZdZ.T @ RdR) / n
-            H = H - (H * D).sum(1, keepdim=True) * D - proj * U
-            if ub is not None:
-                H = torch.cat([H, -dR.mean(0, keepdim=True)])
-            return H
+            return _riemannian_rows(-(ZdZ.T @ RdR) / n, D, U, proj, ub, dR)
         return hv
 
     def _sparse_hv(self, D, b, Z, Zs, R, chunks, proj):
@@ -790,11 +798,7 @@ class _Fit:
         w = max((ic.shape[1] for _, ic, _ in chunks), default=0)
 
         def hv(P):
-            U = P[:K]
-            ub = None if b is None else P[K]
-            ZU = Zs @ U
-            if ub is not None:
-                ZU = ZU + ub
+            U, ub, ZU = _direction_rows(P, K, b, Zs)
             with warnings.catch_warnings():             # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
                 q = torch.sparse.sampled_addmm(Zs, torch.cat([R, -ZU], 1),
@@ -808,10 +812,7 @@ class _Fit:
                 dZ = torch.sparse_csr_tensor(crow, col, dz[rows, slot], size=Z.shape)
                 dR = -(dZ @ D) - ZU
                 H = -(dZ.t() @ R + Zs.t() @ dR) / n
-            H = H - (H * D).sum(1, keepdim=True) * D - proj * U
-            if ub is not None:
-                H = torch.cat([H, -dR.mean(0, keepdim=True)])
-            return H
+            return _riemannian_rows(H, D, U, proj, ub, dR)
         return hv
 
     def dense_hessian(self, D, b, Z, R, Gd):
