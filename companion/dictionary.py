@@ -724,7 +724,7 @@ class _Fit:
                 D_try = D_new + beta * (D_new - D)
                 D_try = D_try / D_try.norm(dim=1, keepdim=True).clamp(min=1e-300)
                 loss_try = math.inf
-                if _loss(Xn, D_try, Z, lam)[0] < self.loss:
+                if _loss(Xn, D_try, Z, lam, Zs)[0] < self.loss:
                     Z_try = self.enc(Xn, D_try, Z)
                     loss_try, R_try = _loss(Xn, D_try, Z_try, lam)
                 if loss_try < self.loss:
