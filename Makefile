@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test execute gpu-check clean check-notebooks
+.PHONY: book test execute gpu-check robust clean check-notebooks
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,9 @@ gpu-check: $(STAMP)
 clean:
 	rm -rf _build $(VENV) .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+## robust: re-execute every chapter under perturbed numerical environments (one thread, torch's
+## unvectorised kernels, MKL limited to AVX2, data perturbed by 1e-12) and compare each cell's
+## text outputs with the stored ones; exits 1 on any difference (tools/robust.py).
+robust: $(STAMP)
+	$(PY) tools/robust.py

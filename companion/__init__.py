@@ -11,7 +11,7 @@ from .certificates import CertificateReport, certify
 from .coding import ConvergenceWarning, EncodeInfo, encode, nonneg_lasso_value
 from .dictionary import DictionaryFit, fit_dictionary
 from .losses import joint_loss, sae_loss
-from .runtime import generator, pick_device, setup
+from .runtime import generator, glue, perturb_data, pick_device, setup
 from .data import SparseSuperposition, sparse_superposition
 from .sae import (AmortisationGap, SAETrainResult, VanillaSAE, amortisation_gap,
                   plateau_fall, train_sae)
@@ -51,6 +51,8 @@ __all__ = [
     "encode",
     "nonneg_lasso_value",
     "generator",
+    "glue",
+    "perturb_data",
     "huber",
     "huber_bound",
     "joint_loss",

