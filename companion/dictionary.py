@@ -54,8 +54,9 @@ Every encode of phase 2 is exact, so the certificate at the end is that of exact
 atoms are replaced by the new-atom direction of §3 when that lowers the loss. On the CPU the
 fit runs on one intra-op thread by default (``n_threads``): its kernels are small, so a
 second thread buys little and, on a busy machine, OpenMP's spin-waiting costs far more than
-the kernels; and one thread makes every reduction's order fixed, so a fit is bitwise
-reproducible whatever the machine's load or torch's thread setting.
+the kernels; and one thread makes every reduction's order fixed, so on a given CPU and torch
+build a fit is bitwise reproducible whatever the machine's load or torch's thread setting.
+(Another CPU's vector kernels can still move the last bits.)
 """
 
 from __future__ import annotations
@@ -399,8 +400,9 @@ def fit_dictionary(
     n_threads : int or None
         CPU intra-op threads during the fit (restored afterwards). The default, one, makes
         the fit's arithmetic independent of the machine's load and of torch's thread
-        setting (bitwise reproducible) and avoids OpenMP spin-waiting on busy machines;
-        ``None`` keeps torch's setting.
+        setting (bitwise reproducible on a given CPU) and avoids OpenMP spin-waiting on busy
+        machines; ``None`` keeps torch's setting, whose reductions split by thread count, so
+        fits on one and two threads then agree only to rounding.
     finish_restarts : "all" or "best"
         ``"all"``: every restart is fitted to the end. ``"best"`` (``method="newton"`` only;
         ignored otherwise): every

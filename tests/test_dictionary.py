@@ -164,21 +164,26 @@ def test_unconverged_fit_warns_and_says_so():
 
 
 def test_fits_are_bitwise_reproducible_across_thread_counts():
-    """The same fit on one and on two intra-op threads, with the fit's default one-thread
-    policy and with torch's setting left alone, gives the same bits (n·d is above torch's
-    parallel grain, so the reductions would be split where a kernel splits them)."""
+    """What is guaranteed about threads, on one CPU: with the fit's default one-thread policy
+    the bits do not depend on torch's thread setting (n·d is above torch's parallel grain, so
+    the reductions would be split where a kernel splits them); with ``n_threads=None`` the
+    fit runs on torch's setting, whose reductions split by thread count (and, for MKL, by
+    load), so one and two threads agree to rounding only (measured: 8e-16 in D here)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2112, 16, generator=g, dtype=torch.float64) + 0.3
-    out = []
+    fits = {}
     for threads in (1, 2):
         with cpu_threads(threads):
             for n_threads in (1, None):
                 with pytest.warns(ConvergenceWarning):
-                    f = fit_dictionary(X, 24, 0.2, n_restarts=1, progress=False, max_iter=4,
-                                       fit_bias=True, n_threads=n_threads)
-                out.append(_bits(f))
+                    fits[threads, n_threads] = fit_dictionary(
+                        X, 24, 0.2, n_restarts=1, progress=False, max_iter=4, fit_bias=True,
+                        n_threads=n_threads)
                 assert torch.get_num_threads() == threads     # the fit restores the setting
-    assert all(o == out[0] for o in out[1:])
+    assert _bits(fits[1, 1]) == _bits(fits[2, 1]) == _bits(fits[1, None])
+    loose = fits[2, None]
+    assert torch.allclose(loose.D, fits[1, 1].D, rtol=0, atol=1e-10)
+    assert loose.loss == pytest.approx(fits[1, 1].loss, rel=1e-12)
 
 
 def _bits(fit):
