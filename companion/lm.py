@@ -191,6 +191,7 @@ def lm_activations(
     device: torch.device | str | None = None,
     max_length: int = _MAX_LENGTH,
     batch_size: int = _BATCH_SIZE,
+    progress: bool = False,
 ) -> LMActivations:
     r"""Residual-stream activations of a transformer at the output of block ``layer`` (Chapter 8).
 
@@ -226,6 +227,8 @@ def lm_activations(
         Truncation length of each document, in tokens.
     batch_size : int
         Sequences per forward pass.
+    progress : bool
+        A tqdm bar on stderr over the forward passes (``TQDM_DISABLE=1`` turns it off).
 
     Returns
     -------
@@ -289,8 +292,12 @@ def lm_activations(
     states: list[torch.Tensor | None] = [None] * len(encoded)
     hook = _stop_hook(layer, blocks)
     try:
+        from tqdm import tqdm
+
+        off = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
         with torch.inference_mode():
-            for b in range(0, len(by_length), batch_size):
+            for b in tqdm(range(0, len(by_length), batch_size), disable=off, leave=False, unit="batch",
+                          desc=f"lm_activations: blocks 1-{layer} on {total} tokens"):
                 idx = by_length[b:b + batch_size]
                 width = max(len(encoded[i][1]) for i in idx)
                 ids = torch.zeros(len(idx), width, dtype=torch.long)
@@ -367,7 +374,7 @@ def _silent_saelens_bar():
 def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLike, *,
                       steps: int = 1000, batch_size: int = 128, lr: float = 1e-3,
                       lr_decay_steps: int = 0, seed: int = 0,
-                      device: torch.device | str | None = None) -> SAELensRun:
+                      device: torch.device | str | None = None, progress: bool = False) -> SAELensRun:
     r"""Train a vanilla L1 SAE with SAELens on activations ``X``, save and reload it (Chapter 8).
 
     ``StandardTrainingSAE`` (ReLU encoder, decoder-norm-weighted L1, SAELens' default
@@ -399,6 +406,8 @@ def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLik
         Seeds the initialisation and the minibatch order.
     device : torch.device or str, optional
         Where to train. Default: the device of ``X``.
+    progress : bool
+        Show SAELens' own tqdm bar on stderr (off by default: stored notebook outputs have none).
 
     Returns
     -------
@@ -449,7 +458,7 @@ def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLik
                            train_batch_size_samples=batch_size, lr=lr, lr_end=lr,
                            lr_decay_steps=lr_decay_steps,
                            device=str(dev), logger=LoggingConfig(log_to_wandb=False))
-    with _silent_saelens_bar():
+    with contextlib.nullcontext() if progress else _silent_saelens_bar():
         trained = _Recording(cfg, sae, data_provider=batches()).fit()
     trained.save_inference_model(str(path))
     with warnings.catch_warnings():
