@@ -11,6 +11,14 @@ chunk by chunk, so memory follows ``--chunk-size`` (times ``d_sae``), not the nu
 ``--max-rows N`` certifies N rows drawn at random (``--seed``) rather than the first N, which
 in a token-ordered file would be a biased sample.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the row pass is shared: every
+process memory-maps the same file, certifies every ``WORLD_SIZE``-th chunk of rows on its own
+device (``cuda:LOCAL_RANK`` with the NCCL backend when CUDA is present, else the CPU with gloo),
+the sums are all-reduced, and rank 0 prints the report and writes the JSON, which records
+``world_size``::
+
+    torchrun --nproc_per_node 8 -m companion certify CHECKPOINT ACTS.npy --json report.json
+
 Exit status: 0 on success; 2 on bad input (missing, corrupt or non-regular file, unreadable
 checkpoint, wrong shapes, a width that is not ``d_in``, a λ that is not positive or disagrees
 with the checkpoint's, an unusable ``--device``, an unwritable ``--json`` directory), with one
@@ -24,13 +32,13 @@ import json
 import pathlib
 import sys
 import os
-import stat
 import warnings
 
 import numpy as np
 import torch
 
-from .interop import CheckpointError, CheckpointWarning, LamMismatchError, certify_sae, checkpoint_lam, load_sae
+from .interop import CheckpointError, CheckpointWarning, LamMismatchError, certify_sae, checkpoint_lam, load_sae, \
+    open_activations
 
 __all__ = ["build_parser", "main"]
 
@@ -84,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the certificates (default float64)")
     c.add_argument("--digits", type=int, default=4, metavar="N",
                    help="significant digits in the printed report (default 4; the JSON is exact)")
+    c.add_argument("--alpha", type=float, default=0.05,
+                   help="family-wise level of the statistical stationarity test (default 0.05)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     return parser
 
@@ -126,31 +136,25 @@ def _check_json_target(path: str | None) -> None:
 
 def _open_activations(path: pathlib.Path, d_in: int) -> np.ndarray:
     """The activations as a read-only memory map, checked without reading the rows."""
-    if not path.exists():
-        raise InputError(f"activations file {str(path)!r} does not exist")
-    mode = path.stat().st_mode
-    if not stat.S_ISREG(mode):
-        raise InputError(f"activations {str(path)!r} is not a regular file (a FIFO, device or "
-                         "directory?); save the array with numpy.save")
     try:
-        A = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError/OSError/EOFError for foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"could not read {str(path)!r} as a .npy array: {first}") from None
-    if not isinstance(A, np.ndarray):
-        raise InputError(f"{str(path)!r} is not a single .npy array (an .npz archive?)")
-    if A.ndim != 2:
-        raise InputError(f"activations must be 2-dimensional (n_samples, d_in), got shape {A.shape}")
-    if not (np.issubdtype(A.dtype, np.floating) or np.issubdtype(A.dtype, np.integer)):
-        raise InputError(f"activations must be numeric, got dtype {A.dtype}")
-    if A.shape[1] != d_in:
-        raise InputError(
-            f"activations have {A.shape[1]} columns but the SAE has d_in={d_in}; "
-            "rows must be activation vectors of the SAE's input width"
-        )
-    if A.shape[0] == 0:
-        raise InputError("activations have no rows")
-    return A
+        return open_activations(path, d_in)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(str(e)) from None
+
+
+def _distributed(device: torch.device, explicit: bool) -> tuple[torch.device, int, int]:
+    """Under torchrun: join the process group (NCCL on CUDA, else gloo); (device, rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return device, 0, 1
+    import torch.distributed as dist
+
+    if device.type == "cuda" and not explicit:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
 
 
 def _sample_rows(n: int, max_rows: int | None, seed: int) -> np.ndarray | None:
@@ -167,6 +171,10 @@ def _certify(args: argparse.Namespace) -> int:
     _check_json_target(args.json)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     device = _device(args.device)
+    explicit = bool(args.device or os.environ.get("COMPANION_DEVICE"))
+    device, rank, world = _distributed(device, explicit)
+    if not 0 < args.alpha < 1:
+        raise InputError(f"--alpha must lie in (0, 1), got {args.alpha}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CheckpointWarning)
         ckpt = load_sae(args.checkpoint, device=device, dtype=dtype,
@@ -176,7 +184,10 @@ def _certify(args: argparse.Namespace) -> int:
     rows = _sample_rows(A.shape[0], max_rows, args.seed)
     n = A.shape[0] if rows is None else rows.size
     cert = certify_sae(ckpt.sae, A, lam, exact=not args.no_exact, chunk_size=chunk,
-                       progress=not args.no_progress, rows=rows)
+                       progress=not args.no_progress and rank == 0, rows=rows, alpha=args.alpha,
+                       process_group=True if world > 1 else None)
+    if rank != 0:
+        return 0
 
     if args.lam is None:
         lam_from = f"from the checkpoint: {ckpt.lam_source}"
@@ -193,6 +204,8 @@ def _certify(args: argparse.Namespace) -> int:
         f"activations  {args.activations}  ({sample})",
         f"lambda       {lam:g}  ({lam_from})",
     ]
+    if world > 1:
+        head.append(f"processes    {world} (torch.distributed, rows shared, sums all-reduced)")
     if ckpt.activation_scale is not None:
         head.append(f"scale        activations were multiplied by s = {ckpt.activation_scale:g} in "
                     "training; the SAE is certified on the raw scale")
@@ -216,13 +229,26 @@ def _certify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finish_distributed() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # pragma: no cover - shutting down
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "certify":
-            return _certify(args)
+            try:
+                return _certify(args)
+            finally:
+                _finish_distributed()
     except (InputError, FileNotFoundError, CheckpointError, LamMismatchError, ValueError, TypeError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)

@@ -76,8 +76,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import stat
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +93,9 @@ from .certificates import CertificateReport, _encode_options, _ExactCodes, _Runn
     default_certificate_tol
 from .coding import default_chunk_size
 from .losses import sae_codes
+from .runtime import perturb_data, pick_device
 from .sae import VanillaSAE
+from .verdict import CertificateStatistics, _gather_rows, _Noise, assess, split_signs
 
 __all__ = [
     "Checkpoint",
@@ -98,9 +103,11 @@ __all__ = [
     "CheckpointWarning",
     "LamMismatchError",
     "SAECertificate",
+    "certify_checkpoint",
     "certify_sae",
     "checkpoint_lam",
     "load_sae",
+    "open_activations",
     "save_sae",
 ]
 
@@ -505,10 +512,43 @@ def load_sae(path: str | pathlib.Path, *, device: torch.device | str | None = No
         architecture or loss, or need an activation scale that is not known.
     """
     if dtype is not None and dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        raise TypeError(
+            f"dtype must be torch.float32 or torch.float64, got {dtype}: the parameters are kept in "
+            "float64 for certificates at 1e-6 (or float32); activations of any float dtype, float16 "
+            "and bfloat16 included, are cast to it chunk by chunk by certify_sae")
+    device = _usable_device(device)
     p = pathlib.Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    ck = _load_path(p, device, dtype, activation_scale)
+    if ck.lam is not None:
+        # remembered on the module, so that certify_sae(checkpoint.sae, X, lam) can warn when
+        # lam is the checkpoint's times 2 (SAELens' l1_coefficient) or 1/2
+        ck.sae._checkpoint_lam = (ck.lam, ck.lam_source)
+    return ck
+
+
+def _usable_device(device: Any) -> torch.device | None:
+    """``device`` as a torch.device, checked usable here (a ValueError, not an AssertionError)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device (try 'cpu' or 'cuda')") from None
+    if dev.type == "cpu":
+        return dev
+    try:
+        torch.zeros(1, device=dev)
+    except (RuntimeError, AssertionError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = (" (this torch has no CUDA, or no GPU is visible: use device='cpu')"
+                if dev.type == "cuda" and not torch.cuda.is_available() else "")
+        raise ValueError(f"device={device!r} is not usable here{hint}: {first}") from None
+    return dev
+
+
+def _load_path(p: pathlib.Path, device, dtype, activation_scale) -> Checkpoint:
     if p.is_dir():
         if (p / SAELENS_WEIGHTS).is_file() or (p / SAELENS_CFG).is_file():
             return _load_saelens(p, device, dtype, activation_scale)
@@ -674,6 +714,15 @@ class SAECertificate:
     floor : float
         Magnitudes below it are rounding noise and print as ``< floor`` in :meth:`summary`:
         ``1e-9`` in float64, ``1e-5`` in float32.
+    statistics : CertificateStatistics or None
+        The sampling noise of the exact-code certificate and the graded verdict
+        (:mod:`companion.verdict`): T2 per atom with its standard error, the noise floor at this
+        number of rows, the held-out new-atom gain, dead-atom triage, and ``next_steps``. None
+        without exact codes.
+    world_size : int
+        How many processes computed the certificate (``torch.distributed``), 1 for one.
+    lam_source : str or None
+        Where ``lam`` came from, when a checkpoint gave it.
     """
 
     lam: float
@@ -683,6 +732,27 @@ class SAECertificate:
     relative_amortisation_gap: float | None
     tol: float = 1e-6
     floor: float = 1e-9
+    statistics: CertificateStatistics | None = None
+    world_size: int = 1
+    lam_source: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        """The graded verdict on the dictionary (statistical when exact codes were computed)."""
+        if self.statistics is not None:
+            return self.statistics.verdict
+        return self.exact_codes.verdict if self.exact_codes is not None else self.sae_codes.verdict
+
+    @property
+    def next_steps(self) -> list[dict]:
+        """What to do next (``statistics.next_steps``; from T1 alone without exact codes)."""
+        if self.statistics is not None:
+            return self.statistics.next_steps
+        t1 = self.sae_codes.t1_violation_lam
+        return [{"topic": "encoder", "act": self.sae_codes.t1_violation > self.tol,
+                 "finding": f"T1 of the SAE's codes = {t1:.3g} lambda",
+                 "action": "certify with exact codes (exact=True) to test the dictionary and to measure "
+                           "what the encoder costs"}]
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict: ``sae_codes`` and ``exact_codes`` are the two reports."""
@@ -695,6 +765,11 @@ class SAECertificate:
             "amortisation_gap": self.amortisation_gap,
             "relative_amortisation_gap": self.relative_amortisation_gap,
             "tol": self.tol,
+            "world_size": self.world_size,
+            "lam_source": self.lam_source,
+            "verdict": self.verdict,
+            "next_steps": self.next_steps,
+            "statistics": None if self.statistics is None else self.statistics.to_dict(),
         }
 
     def _fmt(self, x: float | None, digits: int) -> str:
@@ -753,51 +828,286 @@ class SAECertificate:
             arrays = [np.asarray(_numpy(getattr(r, a)), dtype=float) for _, r, a in cols]
             for k in worst:
                 lines.append(f"{int(k):>6}" + "".join(f"{f(float(arr[k])):>11}" for arr in arrays))
-        lines += ["", "verdict",
-                  f"  encoder codes exact for the dictionary (T1 <= {self.tol:g}): "
+        st = self.statistics
+        if st is not None:
+            g = lambda x: f"{x:.{min(digits, 2)}g}"  # noqa: E731  (noise is known to 1-2 digits)
+            n_used = int((np.asarray(st.atom_rows) > 0).sum())
+            gap_line = ("-" if st.amortisation_gap is None or s.loss <= 0 else
+                        f"{g(100 * st.amortisation_gap / s.loss)} ± {g(100 * st.amortisation_gap_se / s.loss)}")
+            lines += ["", f"sampling noise at n = {st.n_samples} rows (rows taken as independent draws)",
+                      f"  {'T2, usage-weighted / largest':<40}{g(st.t2_weighted)} / {g(st.t2_max)}",
+                      f"  {'noise floor (standard error, weighted)':<40}{g(st.noise_floor)}",
+                      f"  {'largest T2 from noise alone (halves)':<40}{g(st.t2_max_split)}",
+                      f"  {'atoms beyond ' + format(st.threshold, '.1f') + ' standard errors':<40}"
+                      f"{st.n_beyond} of {n_used} used",
+                      f"  {'b_dec |mean r|, in standard errors':<40}{g(st.bias_z)}",
+                      f"  {'new-atom gain, % of F(D)':<40}{g(st.new_atom_gain_pct)} in sample, "
+                      f"{g(st.heldout_gain_pct)} ± {g(st.heldout_gain_se_pct)} held out",
+                      f"  {'amortisation gap, % of the SAE loss':<40}{gap_line}",
+                      f"  {'dead atoms':<40}{len(st.dead_exact)} at exact codes, "
+                      f"{len(st.dead_encoder_only)} only in the encoder",
+                      f"  {'random unit atoms exact codes would use':<40}{st.n_random_used} of {st.n_random}"]
+            if st.worst_atom is not None:
+                lines.append(f"  {'most significant':<40}{st.worst_line()}")
+        lines += ["", "verdict"]
+        if st is not None:
+            lines.append(f"  dictionary: {st.verdict}")
+        lines += [f"  encoder codes exact for the dictionary (T1 <= {self.tol:g}): "
                   f"{s.t1_violation <= self.tol} (T1 = {f(s.t1_violation_lam)} lambda)"]
         if e is not None:
             lines += [
-                f"  dictionary stationary at exact codes (T2 <= {self.tol:g}): {e.t2_violation <= self.tol}",
+                f"  dictionary stationary to rounding at exact codes (T2 <= {self.tol:g}): "
+                f"{e.t2_violation <= self.tol}",
                 f"  dictionary and b_dec with exact codes: {e.verdict}",
                 f"  adding the new atom u found here would lower the loss by at least {f(e.new_atom_gain)}"
                 if e.new_atom_excess > 0 else
                 "  the new-atom search found no direction u with max_n u.r_n > lambda",
                 f"  dead atoms at exact codes: {len(e.dead_atoms)} of {e.n_atoms}",
             ]
+        lines += ["", "what to do next"]
+        for step in self.next_steps:
+            mark = "->" if step["act"] else "ok"
+            lines.append(f"  {mark} {step['topic']}: {step['finding']}")
+            lines.append(f"     {step['action']}")
+        if self.world_size > 1:
+            lines += ["", f"computed by {self.world_size} processes"]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
 
 
-def _sae_input(X: Any, sae: VanillaSAE) -> tuple[Any, bool]:
-    """Check the activations' shape and kind without reading them (they may be a memory map)."""
+def _tqdm_off() -> bool:
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _bar(progress: bool, **kwargs) -> tqdm:
+    """A tqdm bar on stderr, off unless ``progress`` (and always off under ``TQDM_DISABLE=1``)."""
+    return tqdm(disable=not progress or _tqdm_off(), leave=False, **kwargs)
+
+
+def _sae_input(X: Any) -> tuple[Any, bool]:
+    """Check the activations' kind and shape without reading them (they may be a memory map)."""
+    if isinstance(X, (str, os.PathLike)):
+        raise TypeError(f"X must be an array, got the path {str(X)!r}: pass np.load(path, mmap_mode='r'), "
+                        "or use certify_checkpoint, which opens a .npy path itself")
     if isinstance(X, torch.Tensor):
-        want = sae.W_dec
-        if X.dtype != want.dtype:
-            raise TypeError(
-                f"X is a {X.dtype} tensor but the SAE's parameters are {want.dtype}: pass "
-                f"X.to({want.dtype}), or load the SAE with dtype={X.dtype}")
-        if X.device != want.device:
-            raise ValueError(f"X is on {X.device} but the SAE is on {want.device}: move one of them")
+        if X.dtype.is_complex or X.dtype == torch.bool:
+            raise TypeError(f"X must hold real numbers, got a {X.dtype} tensor")
         is_numpy = False
     elif isinstance(X, np.ndarray):
         if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-            raise TypeError(f"X must hold numbers, got dtype {X.dtype}")
+            raise TypeError(f"X must hold real numbers, got dtype {X.dtype}")
         is_numpy = True
     else:
         raise TypeError(f"X must be a torch.Tensor or numpy.ndarray, got {type(X).__name__}")
     if X.ndim != 2:
         raise ValueError(f"X must be 2-dimensional (n_samples, d_in), got shape {tuple(X.shape)}")
-    if X.shape[1] != sae.d_in:
-        raise ValueError(f"X has {X.shape[1]} columns but the SAE has d_in={sae.d_in}")
     return X, is_numpy
 
 
-def certify_sae(sae: VanillaSAE, X: Any, lam: float, *, exact: bool = True,
+def _where(X: Any) -> str:
+    name = getattr(X, "filename", None)
+    return f" of {name}" if name else ""
+
+
+def open_activations(path: str | os.PathLike, d_in: int | None = None) -> np.ndarray:
+    """A ``.npy`` file of activations as a read-only memory map, checked without reading its rows.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` with one line that says what is wrong: a
+    missing or non-regular file, a ``torch.save`` file (``.pt``) or an ``.npz`` archive in
+    place of a ``.npy`` array, an array that is not 2-D or not numeric, a width that is not
+    ``d_in``, no rows.
+    """
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"activations file {str(p)!r} does not exist")
+    if not stat.S_ISREG(p.stat().st_mode):
+        raise ValueError(f"activations {str(p)!r} is not a regular file (a FIFO, device or "
+                         "directory?); save the array with numpy.save")
+    torch_file = _torch_save_file(p)
+    if torch_file:
+        raise ValueError(
+            f"activations {str(p)!r} is a torch.save file{torch_file}, not a .npy array: convert it once "
+            "with numpy.save('acts.npy', torch.load('acts.pt').float().cpu().numpy())")
+    try:
+        A = np.load(p, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError/OSError/EOFError for foreign files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"could not read {str(p)!r} as a .npy array: {first}") from None
+    if not isinstance(A, np.ndarray):
+        raise ValueError(f"{str(p)!r} is an .npz archive of several arrays, not a single .npy array: "
+                         "save the activations with numpy.save")
+    if A.ndim != 2:
+        raise ValueError(f"activations must be 2-dimensional (n_samples, d_in), got shape {A.shape}")
+    if not (np.issubdtype(A.dtype, np.floating) or np.issubdtype(A.dtype, np.integer)):
+        raise ValueError(f"activations must be numeric, got dtype {A.dtype}")
+    if d_in is not None and A.shape[1] != d_in:
+        raise ValueError(
+            f"activations have {A.shape[1]} columns but the SAE has d_in={d_in}; "
+            "rows must be activation vectors of the SAE's input width")
+    if A.shape[0] == 0:
+        raise ValueError("activations have no rows")
+    return A
+
+
+def _torch_save_file(p: pathlib.Path) -> str:
+    """Non-empty (a description) when ``p`` looks like a torch.save file rather than a .npy."""
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"\x93NUMPY"):
+        return ""
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(p) as z:
+                if any(n.endswith("data.pkl") for n in z.namelist()):
+                    return " (a zip archive holding data.pkl)"
+        except zipfile.BadZipFile:
+            return ""
+        return ""
+    if head[:1] == b"\x80" or p.suffix in (".pt", ".pth"):
+        return " (a pickle)" if head[:1] == b"\x80" else f" ({p.suffix})"
+    return ""
+
+
+def _from_saelens(sae: Any, device: Any = None) -> Checkpoint:
+    """An in-memory ``sae_lens.SAE`` as a Checkpoint: written with SAELens' own writer, read by
+    :func:`load_sae` (so every architecture and λ rule applies), in float64 on its device."""
+    import tempfile
+
+    cfg = getattr(sae, "cfg", None)
+    arch = cfg.architecture() if cfg is not None and callable(getattr(cfg, "architecture", None)) else None
+    if arch is not None and arch != "standard":
+        name = _SAELENS_OTHER.get(arch, arch)
+        raise CheckpointError(f"sae is a SAELens {name} SAE (architecture {arch!r}): only a vanilla SAE "
+                              "(architecture 'standard', ReLU, L1 penalty) is the joint problem of this book")
+    if device is None:
+        device = next(iter(sae.parameters())).device
+    with tempfile.TemporaryDirectory() as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if hasattr(sae, "save_inference_model"):
+                sae.save_inference_model(tmp)
+            else:
+                sae.save_model(tmp)
+        ck = load_sae(tmp, device=device, dtype=torch.float64)
+    ck.path = pathlib.Path(f"<in-memory {type(sae).__name__}>")
+    return ck
+
+
+def _is_saelens(sae: Any) -> bool:
+    mod = type(sae).__module__ or ""
+    return mod.startswith("sae_lens") or any((c.__module__ or "").startswith("sae_lens")
+                                             for c in type(sae).__mro__)
+
+
+def _resolve(sae: Any, lam: float | None, override: bool) -> tuple[VanillaSAE, float, str | None]:
+    """The VanillaSAE and λ to certify, from a VanillaSAE, a Checkpoint or a sae_lens.SAE."""
+    if _is_saelens(sae):
+        sae = _from_saelens(sae)
+    if isinstance(sae, Checkpoint):
+        chosen = checkpoint_lam(sae, lam, override=override)
+        if lam is not None and sae.lam is not None:
+            _warn_factor_two(lam, sae.lam, sae.lam_source)
+        source = sae.lam_source if lam is None else "given"
+        return sae.sae, chosen, source
+    if not isinstance(sae, VanillaSAE):
+        raise TypeError(f"sae must be a VanillaSAE, a Checkpoint (load_sae) or a sae_lens SAE of the "
+                        f"standard architecture, got {type(sae).__name__}")
+    recorded = getattr(sae, "_checkpoint_lam", None)
+    if lam is None:
+        if recorded is not None:
+            raise TypeError("lam is required with a VanillaSAE; this one came from a checkpoint whose λ is "
+                            f"{recorded[0]:g} ({recorded[1]}): pass the Checkpoint itself, certify_sae("
+                            "checkpoint, X), or certify_checkpoint(path, X), to take λ from it")
+        raise TypeError("lam is required with a VanillaSAE (or pass a Checkpoint from load_sae, whose λ "
+                        "is read from its files)")
+    lam = check_positive(lam, "lam")
+    if recorded is not None:
+        _warn_factor_two(lam, recorded[0], recorded[1])
+    return sae, lam, None
+
+
+def _warn_factor_two(lam: float, ck_lam: float, source: str) -> None:
+    ratio = lam / ck_lam
+    for factor, word in ((2.0, "twice"), (0.5, "half")):
+        if abs(ratio - factor) <= 0.01 * factor:
+            warnings.warn(
+                f"lam={lam:g} is {word} the λ={ck_lam:g} of this SAE's checkpoint ({source}). The book's "
+                "λ multiplies the L1 of ½‖x - x̂‖² + λ Σ_k ‖W_dec[k]‖ z_k, so SAELens' l1_coefficient is "
+                "2λ; certifying at lam as asked (pass the checkpoint's λ, or certify_checkpoint(path, X), "
+                "which reads it)", CheckpointWarning, stacklevel=4)
+
+
+def _first_nonfinite(X: Any, is_numpy: bool, rows: Any, chunks: list[tuple[int, int]]) -> int | None:
+    """Position (in the certified sequence) of the first row with NaN or Inf among ``chunks``."""
+    if is_numpy and not np.issubdtype(X.dtype, np.floating):
+        return None
+    if not is_numpy and not X.dtype.is_floating_point:
+        return None
+    for s, e in chunks:
+        idx = slice(s, e) if rows is None else rows[s:e]
+        if is_numpy:
+            bad = ~np.isfinite(np.asarray(X[idx])).all(1)
+            if bad.any():
+                return s + int(np.argmax(bad))
+        else:
+            part = X[idx] if rows is None else X[torch.as_tensor(idx, device=X.device)]
+            bad = ~torch.isfinite(part).all(1)
+            if bool(bad.any()):
+                return s + int(torch.nonzero(bad)[0])
+    return None
+
+
+def _group_info(process_group: Any) -> tuple[Any, int, int]:
+    if process_group is None:
+        return None, 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialised: call "
+                         "torch.distributed.init_process_group first (torchrun does the environment)")
+    group = dist.group.WORLD if process_group is True else process_group
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_reduce_running(acc: _Running, group: Any) -> None:
+    """Combine the :class:`_Running` sums of every process of ``group`` (sums, maxima, the pool)."""
+    import torch.distributed as dist
+
+    for t in (acc.V, acc.zsum, acc.zsq, acc.fire, acc.rsum, acc.xsum):
+        dist.all_reduce(t, group=group)
+    for t in (acc.atom_t1, acc.maxcorr):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    dev = acc.D.device
+    sums = torch.tensor([acc.n, acc.nnz, acc.loss_sum, acc.dual_sum, acc.huber_sum, acc.xsq, acc.rsq],
+                        dtype=torch.float64, device=dev)
+    dist.all_reduce(sums, group=group)
+    acc.n, acc.nnz = int(round(float(sums[0]))), int(round(float(sums[1])))
+    acc.loss_sum, acc.dual_sum, acc.huber_sum, acc.xsq, acc.rsq = (float(v) for v in sums[2:])
+    most = torch.tensor([acc.t1, acc.rmax, float(acc.negative)], dtype=torch.float64, device=dev)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+    acc.t1, acc.rmax, acc.negative = float(most[0]), float(most[1]), bool(most[2] > 0)
+    pool, norms = _gather_rows(acc.pool, acc.pool_norm, group)
+    if pool.shape[0] > acc.n_candidates:
+        top = norms.topk(acc.n_candidates).indices
+        pool, norms = pool[top], norms[top]
+    acc.pool, acc.pool_norm = pool, norms
+
+
+def _all_reduce_codes(codes: _ExactCodes, group: Any) -> None:
+    import torch.distributed as dist
+
+    worst = torch.tensor([codes.worst, codes.worst_tol], dtype=torch.float64, device=codes.D.device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    codes.worst, codes.worst_tol = float(worst[0]), float(worst[1])
+
+
+def certify_sae(sae: Any, X: Any, lam: float | None = None, *, exact: bool = True,
                 chunk_size: int | None = None, progress: bool = False, rows: Any = None,
-                tol: float | None = None, encode_kwargs: dict | None = None) -> SAECertificate:
+                tol: float | None = None, encode_kwargs: dict | None = None, override: bool = False,
+                statistics: bool = True, alpha: float = 0.05, check_finite: bool = True,
+                process_group: Any = None) -> SAECertificate:
     r"""Certify an SAE on activations ``X``: as it is, and with exact codes (Chapter 7).
 
     With the joint view :math:`(X - b_{dec}, D, Z_{SAE})` of Chapter 1 (``D`` the
@@ -805,46 +1115,80 @@ def certify_sae(sae: VanillaSAE, X: Any, lam: float, *, exact: bool = True,
     computes the :func:`companion.certify` report of the SAE's codes and, if ``exact``, of
     exact codes for the same ``D``, with ``b_dec`` as the fitted bias. Their losses are the SAE
     loss :math:`L(D, Z_{SAE})` (SAELens' loss ÷ 2) and :math:`F(D)`; the difference is the
-    amortisation gap, nonnegative because exact codes minimise every row's cost.
+    amortisation gap, nonnegative because exact codes minimise every row's cost. With exact
+    codes, ``statistics`` adds the sampling noise of every number and a graded verdict
+    (:mod:`companion.verdict`): T2 per atom against its standard error, the noise floor at this
+    number of rows, the held-out new-atom gain, dead-atom triage and what to do next.
 
     The rows are streamed: each chunk is read (from a memory map too), cast to the SAE's
-    dtype, encoded twice and reduced into both reports, so peak memory is
-    ``O(chunk_size · d_sae)`` however many rows there are.
+    dtype and device, encoded twice and reduced into both reports, so peak memory is
+    ``O(chunk_size · d_sae)`` however many rows there are. Before that pass, every row is
+    scanned for NaN and Inf (a cheap read), so a bad row fails at once, naming its row and file.
 
     Parameters
     ----------
-    sae : VanillaSAE
-        Any vanilla SAE (e.g. from :func:`load_sae` or :func:`companion.train_sae`). Use float64
-        for certificates at the ``1e-6`` level.
+    sae : VanillaSAE, Checkpoint or sae_lens.SAE
+        A vanilla SAE (e.g. :func:`companion.train_sae`), a :class:`Checkpoint` from
+        :func:`load_sae` (then ``lam`` defaults to the checkpoint's, and a ``lam`` that
+        disagrees is a :class:`LamMismatchError` unless ``override``), or an in-memory SAELens
+        SAE of the standard architecture (written with SAELens' own writer and read back in
+        float64, so its λ comes from its config as for a checkpoint). Use float64 for
+        certificates at the ``1e-6`` level.
     X : array (n_samples, d_in)
-        Activations, uncentred (the decoder bias is subtracted here): a tensor of the SAE's
-        dtype and device, or a numpy array of any numeric dtype (e.g. ``np.load(...,
-        mmap_mode="r")``), cast chunk by chunk.
-    lam : float
-        The penalty, in the book's convention (see :func:`checkpoint_lam`).
+        Activations, uncentred (the decoder bias is subtracted here): a tensor or numpy array
+        of any real dtype (float16, bfloat16, float32, float64, integers) on any device, e.g.
+        ``np.load(..., mmap_mode="r")``; each chunk is cast to the SAE's dtype and device.
+    lam : float, optional
+        The penalty, in the book's convention (see :func:`checkpoint_lam`). Required for a
+        bare VanillaSAE; a VanillaSAE read by :func:`load_sae` remembers its checkpoint's λ and
+        a ``lam`` twice or half of it raises a :class:`CheckpointWarning` (SAELens'
+        ``l1_coefficient`` is :math:`2\lambda`).
     exact : bool
         Also certify the dictionary with exact codes (the expensive part: one nonnegative
         lasso per row).
     chunk_size : int, optional
         Rows per chunk (memory ``O(chunk_size · d_sae)``).
     progress : bool
-        One tqdm bar on stderr over the rows, named for what it does (reading the rows, the
-        SAE's codes, the exact codes).
+        tqdm bars on stderr, named for their stage: the scan for NaN/Inf, the pass over the
+        rows (SAE codes, exact codes), the new-atom searches. ``TQDM_DISABLE=1`` turns them off.
     rows : array of int, optional
         Certify only these rows of ``X`` (e.g. a random sample); read in the given order.
     tol : float, optional
-        Threshold of the verdicts; default ``1e-6`` in float64, ``1e-3`` in float32.
+        Threshold of the rounding-level verdicts; default ``1e-6`` in float64, ``1e-3`` in float32.
     encode_kwargs : dict, optional
         Options of the exact codes (``tol``, ``max_iter``, ``add_per_iter``, ``fallback_iter``).
+    override : bool
+        With a Checkpoint: certify at ``lam`` even when it disagrees with the checkpoint's.
+    statistics : bool
+        Compute the sampling noise and the graded verdict (needs ``exact``).
+    alpha : float
+        Family-wise level of the stationarity test (Bonferroni over the used atoms and the bias).
+    check_finite : bool
+        Scan all rows for NaN/Inf before the pass (on by default; chunks are checked anyway).
+    process_group : torch.distributed process group, optional
+        Certify the rows over the processes of this group (``True``: the default group): each
+        process encodes every ``world_size``-th chunk, the sums are all-reduced, and every
+        process returns the same certificate, with ``world_size`` recorded. Every process must
+        call this with the same arguments and see the same ``X`` (e.g. the same ``.npy`` file,
+        memory-mapped).
 
     Returns
     -------
     SAECertificate
+
+    Raises
+    ------
+    TypeError
+        A ``sae`` of another kind, a missing ``lam`` for a bare VanillaSAE, ``X`` not an array.
+    ValueError
+        Wrong shapes, NaN/Inf in ``X`` (naming the first row, and the file of a memory map),
+        ``lam <= 0``; :class:`LamMismatchError` as above; :class:`CheckpointError` for an
+        in-memory SAELens SAE of another architecture.
     """
-    if not isinstance(sae, VanillaSAE):
-        raise TypeError(f"sae must be a VanillaSAE, got {type(sae).__name__}")
-    lam = check_positive(lam, "lam")
-    X, is_numpy = _sae_input(X, sae)
+    sae, lam, lam_source = _resolve(sae, lam, override)
+    X, is_numpy = _sae_input(X)
+    if X.shape[1] != sae.d_in:
+        raise ValueError(f"X has {X.shape[1]} columns but the SAE has d_in={sae.d_in}")
     if rows is not None:
         rows = np.asarray(rows)
         if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
@@ -856,46 +1200,172 @@ def certify_sae(sae: VanillaSAE, X: Any, lam: float, *, exact: bool = True,
     if chunk_size is None:
         chunk_size = default_chunk_size(sae.d_sae)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
+    alpha = check_positive(alpha, "alpha")
+    if alpha >= 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    group, rank, world = _group_info(process_group)
     dtype, device = sae.W_dec.dtype, sae.W_dec.device
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     tol = default_certificate_tol(dtype) if tol is None else check_positive(tol, "tol")
     etol, emax, eadd, efb = _encode_options(encode_kwargs)
     kind = ArrayKind(is_numpy=is_numpy)
+    chunks = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)][rank::world]
+    mine = sum(e - s for s, e in chunks)
+
+    if check_finite:
+        with _bar(progress, total=1, desc="certify_sae: scan rows for NaN/Inf", unit="pass"):
+            bad = _first_nonfinite(X, is_numpy, rows, chunks)
+        if group is not None:
+            import torch.distributed as dist
+
+            first = torch.tensor([n if bad is None else bad], dtype=torch.float64, device=device)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+            bad = None if int(first) >= n else int(first)
+        if bad is not None:
+            where = bad if rows is None else int(rows[bad])
+            raise ValueError(f"X contains NaN or infinite entries: first in row {where}{_where(X)} "
+                             "(found by a scan before certifying)")
+
+    stats_on = statistics and exact
     with torch.no_grad():
         D, norms = sae.dictionary()
         W_enc, b_enc, b_dec = sae.W_enc.detach(), sae.b_enc.detach(), sae.b_dec.detach()
         on_sae = _Running(D, lam, 0.0, 8192)
         on_exact = _Running(D, lam, 0.0, 8192) if exact else None
         codes = _ExactCodes(D, lam, etol, emax, eadd, efb) if exact else None
+        noise = _Noise(D, lam) if stats_on else None
         desc = "certify_sae: read rows, SAE codes" + (", exact codes" if exact else "")
-        with tqdm(total=n, desc=desc, unit="row", disable=not progress, leave=False) as bar:
-            for s in range(0, n, chunk_size):
-                e = min(n, s + chunk_size)
+        with _bar(progress, total=mine, desc=desc, unit="row") as bar:
+            for s, e in chunks:
                 idx = slice(s, e) if rows is None else rows[s:e]
                 if is_numpy:
                     # one writable copy per chunk, cast on the way (a memory map stays unread elsewhere)
                     chunk = torch.from_numpy(np.array(X[idx], dtype=np_dtype)).to(device)
                 else:
-                    chunk = X[idx] if rows is None else X[torch.as_tensor(idx, device=X.device)]
+                    part = X[idx] if rows is None else X[torch.as_tensor(idx, device=X.device)]
+                    chunk = part.to(device=device, dtype=dtype)
                 if not bool(torch.isfinite(chunk).all()):
                     bad = int(torch.nonzero(~torch.isfinite(chunk).all(1))[0])
                     where = s + bad if rows is None else int(idx[bad])
-                    raise ValueError(f"X contains NaN or infinite entries (first in row {where})")
+                    raise ValueError(f"X contains NaN or infinite entries (first in row {where}{_where(X)})")
+                chunk = perturb_data(chunk)
                 Xc = chunk - b_dec
                 Z = sae_codes(chunk, W_enc, b_enc, b_dec) * norms
                 on_sae.add(Xc, Z)
                 if exact:
-                    on_exact.add(Xc, codes(Xc))
+                    Ze = codes(Xc)
+                    on_exact.add(Xc, Ze)
+                    if stats_on:
+                        pos = np.arange(s, e) if rows is None else np.asarray(idx)
+                        eps = torch.from_numpy(split_signs(pos)).to(device=device, dtype=dtype)
+                        Rs = Xc - Z @ D
+                        sae_loss = 0.5 * (Rs * Rs).sum(1) + lam * Z.sum(1)
+                        noise.add(Xc, Ze, eps, sae_loss)
                 bar.update(e - s)
+        if group is not None:
+            _all_reduce_running(on_sae, group)
+            if exact:
+                _all_reduce_running(on_exact, group)
+                _all_reduce_codes(codes, group)
+            if stats_on:
+                noise.all_reduce(group)
         if exact:
             codes.warn(stacklevel=2)
-        rep_sae = on_sae.report(kind, codes="given", tol=tol, with_bias=True)
-        if not exact:
-            return SAECertificate(lam, rep_sae, None, None, None, tol, _floor(dtype))
-        rep_exact = on_exact.report(kind, codes="exact", tol=tol, with_bias=True)
+        searches = 1 + int(exact) + 2 * int(stats_on)
+        with _bar(progress, total=searches, desc="certify_sae: new-atom searches", unit="search") as stage:
+            rep_sae = on_sae.report(kind, codes="given", tol=tol, with_bias=True)
+            stage.update(1)
+            if not exact:
+                return SAECertificate(lam, rep_sae, None, None, None, tol, _floor(dtype),
+                                      world_size=world, lam_source=lam_source)
+            rep_exact = on_exact.report(kind, codes="exact", tol=tol, with_bias=True)
+            stage.update(1)
+            stats = assess(noise, rep_exact, rep_sae, alpha=alpha, stage=stage) if stats_on else None
     gap = rep_sae.loss - rep_exact.loss
     rel = gap / rep_sae.loss if rep_sae.loss > 0 else 0.0
-    return SAECertificate(lam, rep_sae, rep_exact, gap, rel, tol, _floor(dtype))
+    return SAECertificate(lam, rep_sae, rep_exact, gap, rel, tol, _floor(dtype), statistics=stats,
+                          world_size=world, lam_source=lam_source)
+
+
+def certify_checkpoint(checkpoint: Any, X: Any, *, lam: float | None = None, override: bool = False,
+                       activation_scale: float | None = None, device: Any = None,
+                       dtype: torch.dtype = torch.float64, progress: bool = True,
+                       **options: Any) -> SAECertificate:
+    r"""Certify a checkpoint on activations, with λ (and the activation scale) from its files, as the CLI does.
+
+    ``certify_checkpoint(path, "acts.npy")`` is ``python -m companion certify path acts.npy``
+    from Python: :func:`load_sae` reads the checkpoint in ``dtype`` on ``device``,
+    :func:`checkpoint_lam` reconciles ``lam`` with the λ its files imply (the SAELens
+    ``l1_coefficient`` is :math:`2\lambda`; a ``lam`` that disagrees is a
+    :class:`LamMismatchError` unless ``override``), and :func:`certify_sae` certifies it, with
+    progress bars on by default.
+
+    Parameters
+    ----------
+    checkpoint : str, path or Checkpoint
+        A SAELens directory or dictionary_learning ``ae.pt`` (see :func:`load_sae`), or a
+        Checkpoint already loaded (then ``activation_scale`` must be None; ``device`` and
+        ``dtype`` apply to a copy).
+    X : array (n_samples, d_in), or a path to a ``.npy`` file
+        The activations; a path is memory-mapped (:func:`open_activations`).
+    lam : float, optional
+        The λ to certify at; default the checkpoint's.
+    override : bool
+        Certify at ``lam`` even when it disagrees with the checkpoint's.
+    activation_scale : float, optional
+        SAELens' ``expected_average_only_in`` scale factor (see :func:`load_sae`).
+    device : torch device, optional
+        Default: ``COMPANION_DEVICE``, else CUDA when available, else the CPU.
+    dtype : torch.dtype
+        float64 (default; certificates at ``1e-6``) or float32.
+    progress : bool
+        Progress bars on stderr (default on; ``TQDM_DISABLE=1`` turns them off).
+    **options
+        Passed to :func:`certify_sae` (``exact``, ``chunk_size``, ``rows``, ``tol``,
+        ``encode_kwargs``, ``statistics``, ``alpha``, ``check_finite``, ``process_group``).
+
+    Returns
+    -------
+    SAECertificate
+        With ``lam_source`` saying where λ came from.
+    """
+    import copy
+
+    device = _usable_device(device) if device is not None else pick_device()
+    if isinstance(checkpoint, Checkpoint):
+        if activation_scale is not None:
+            raise ValueError("activation_scale applies when loading: this Checkpoint is loaded already "
+                             "(pass its path, or load_sae(path, activation_scale=s))")
+        ck = checkpoint
+        if ck.sae.W_dec.device != device or ck.sae.W_dec.dtype != dtype:
+            ck = copy.copy(ck)
+            ck.sae = copy.deepcopy(checkpoint.sae).to(device=device, dtype=dtype)
+    elif isinstance(checkpoint, (str, os.PathLike)):
+        ck = load_sae(checkpoint, device=device, dtype=dtype, activation_scale=activation_scale)
+    else:
+        raise TypeError(f"checkpoint must be a path or a Checkpoint (load_sae), got {type(checkpoint).__name__}; "
+                        "for a VanillaSAE or a sae_lens SAE in memory use certify_sae")
+    if isinstance(X, (str, os.PathLike)):
+        X = open_activations(X, ck.sae.d_in)
+    lam_used = checkpoint_lam(ck, lam, override=override)
+    if lam is None:
+        source = f"from the checkpoint: {ck.lam_source}"
+    elif ck.lam is None:
+        source = "given (the checkpoint implies none)"
+    elif abs(lam_used - ck.lam) > _LAM_RTOL * max(lam_used, ck.lam):
+        source = f"given, overriding the checkpoint's {ck.lam:g}"
+    else:
+        source = "given, agrees with the checkpoint"
+    cert = certify_sae(ck.sae, X, lam_used, progress=progress, **_certify_options(options))
+    cert.lam_source = source
+    return cert
+
+
+def _certify_options(options: dict) -> dict:
+    for key in ("lam", "override", "sae"):
+        if key in options:
+            raise TypeError(f"certify_checkpoint got {key!r} twice")
+    return options
 
 
 def _floor(dtype: torch.dtype) -> float:

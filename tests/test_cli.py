@@ -43,7 +43,8 @@ def test_certify_prints_a_report_and_writes_json(trained, capsys):
     assert code == 0, err
     assert "lambda       0.05  (from --lam, agrees with the checkpoint)" in out
     assert "SAE codes" in out and "exact codes" in out and "amortisation gap" in out
-    assert "verdict" in out and "dictionary stationary at exact codes" in out
+    assert "verdict" in out and "dictionary stationary to rounding at exact codes" in out
+    assert "sampling noise at n = 200 rows" in out and "what to do next" in out
     rep = json.loads(out_json.read_text())
     assert rep["lam"] == 0.05 and rep["n_samples"] == 200 and rep["d_sae"] == 8
     assert rep["exact_codes"]["t1_violation"] <= 1e-8
@@ -98,7 +99,7 @@ def test_bad_files_exit_2(trained, tmp_path, capsys):
     bad[1, 2] = np.nan
     np.save(tmp_path / "nan.npy", bad)
     code, _, err = run(["certify", str(trained / "sae"), str(tmp_path / "nan.npy")], capsys)
-    assert code == 2 and "NaN or infinite entries (first in row 1)" in err
+    assert code == 2 and f"NaN or infinite entries: first in row 1 of {tmp_path / 'nan.npy'}" in err
 
 
 def test_dictionary_learning_checkpoint_needs_lam(trained, tmp_path, capsys):
