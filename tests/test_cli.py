@@ -228,3 +228,26 @@ def test_peak_memory_does_not_grow_with_the_number_of_rows(tmp_path):
         peaks[n] = int(kib) / 1024
     print(f"peak RSS: {peaks[4000]:.0f} MiB at 4000 rows, {peaks[40000]:.0f} MiB at 40000 rows")
     assert peaks[40000] - peaks[4000] < 40, peaks
+
+
+def test_pt_activations_alpha_and_statistics_in_json(trained, tmp_path, capsys):
+    torch.save(torch.zeros(4, 5), tmp_path / "acts.pt")
+    code, _, err = run(["certify", str(trained / "sae"), str(tmp_path / "acts.pt"), "--no-progress"], capsys)
+    assert code == 2 and "is a torch.save file" in err and "numpy.save" in err
+    code, _, err = run(["certify", str(trained / "sae"), str(trained / "acts.npy"), "--alpha", "2"], capsys)
+    assert code == 2 and "--alpha must lie in (0, 1)" in err
+    out_json = tmp_path / "r.json"
+    code, out, err = run(["certify", str(trained / "sae"), str(trained / "acts.npy"), "--no-progress",
+                          "--json", str(out_json)], capsys)
+    assert code == 0, err
+    rep = json.loads(out_json.read_text())
+    assert rep["world_size"] == 1 and rep["verdict"] == rep["statistics"]["verdict"]
+    assert {s["topic"] for s in rep["next_steps"]} >= {"encoder", "dictionary", "width"}
+    assert rep["statistics"]["n_samples"] == 200 and len(rep["statistics"]["atom_t2_se"]) == 8
+
+
+def test_progress_is_on_by_default_and_names_the_stages(trained, capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    code, _, err = run(["certify", str(trained / "sae"), str(trained / "acts.npy")], capsys)
+    assert code == 0
+    assert "certify_sae: read rows, SAE codes, exact codes" in err and "certify_sae: new-atom searches" in err

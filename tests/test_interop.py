@@ -342,3 +342,95 @@ def test_certify_sae_refuses_empty_and_mismatched_inputs():
         certify_sae(sae, bad, 0.1, chunk_size=8)
     with pytest.raises(TypeError, match="lam must be a positive number"):
         certify_sae(sae, np.zeros((4, 5)), "0.1")
+
+
+def test_certify_checkpoint_takes_lam_from_the_checkpoint(tmp_path):
+    """issue 23.1: λ where it lives; a Checkpoint into certify_sae; λ x2 or x1/2 warns."""
+    from companion.interop import certify_checkpoint, certify_sae
+    sae = random_sae()
+    with torch.no_grad():
+        sae.W_enc.mul_(0.3)
+    save_sae(sae, tmp_path / "ck", lam=0.3)
+    X = data(n=60)
+    np.save(tmp_path / "x.npy", X.numpy())
+    cert = certify_checkpoint(tmp_path / "ck", tmp_path / "x.npy", device="cpu", progress=False)
+    assert cert.lam == 0.3 and cert.lam_source == "from the checkpoint: cfg.json companion_lam"
+    ck = load_sae(tmp_path / "ck", dtype=torch.float64)
+    same = certify_sae(ck, X)                                    # λ from the Checkpoint
+    assert same.lam == 0.3 and same.exact_codes.loss == pytest.approx(cert.exact_codes.loss, rel=1e-12)
+    assert certify_checkpoint(ck, X, progress=False, device="cpu").lam == 0.3
+    with pytest.raises(LamMismatchError, match="disagrees"):
+        certify_sae(ck, X, 0.6)
+    with pytest.raises(LamMismatchError, match="disagrees"):
+        certify_checkpoint(tmp_path / "ck", X, lam=0.6, progress=False)
+    with pytest.warns(CheckpointWarning, match=r"lam=0.6 is twice the λ=0.3 .*l1_coefficient is 2λ"):
+        certify_sae(ck.sae, X, 0.6, exact=False)                 # the module remembers its checkpoint's λ
+    with pytest.warns(CheckpointWarning, match="half"):
+        c = certify_checkpoint(tmp_path / "ck", X, lam=0.15, override=True, progress=False, exact=False)
+    assert c.lam == 0.15 and "overriding the checkpoint's 0.3" in c.lam_source
+    with pytest.raises(TypeError, match=r"lam is required .*certify_sae\(checkpoint, X\)"):
+        certify_sae(ck.sae, X)
+    with pytest.raises(TypeError, match="sae must be a VanillaSAE, a Checkpoint"):
+        certify_sae(np.zeros(3), X, 0.3)
+    with pytest.raises(TypeError, match="checkpoint must be a path or a Checkpoint"):
+        certify_checkpoint(ck.sae, X)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_any_input_dtype_is_cast_chunk_by_chunk_like_numpy(dtype):
+    """issue 23.4: a tensor of any dtype gives what the same values give as a float64 array."""
+    from companion.interop import certify_sae
+    sae = random_sae()
+    X = (data(n=40) * 4).to(dtype)
+    ref = certify_sae(sae, X.double().numpy(), 0.2, chunk_size=16)
+    got = certify_sae(sae, X, 0.2, chunk_size=16)
+    for name in ("loss", "t1_violation", "t2_violation"):
+        assert getattr(got.exact_codes, name) == pytest.approx(getattr(ref.exact_codes, name), rel=1e-12)
+
+
+def test_nan_is_found_before_the_pass_naming_file_and_row(tmp_path, monkeypatch):
+    from companion import interop
+    from companion.interop import certify_sae
+    X = data(n=200).numpy()
+    X[199, 3] = np.nan
+    np.save(tmp_path / "acts.npy", X)
+    mm = np.load(tmp_path / "acts.npy", mmap_mode="r")
+    calls = []
+    monkeypatch.setattr(interop._ExactCodes, "__call__", lambda self, X: calls.append(1))
+    with pytest.raises(ValueError, match=f"first in row 199 of {tmp_path / 'acts.npy'} "
+                                         r"\(found by a scan before certifying\)"):
+        certify_sae(random_sae(), mm, 0.2, chunk_size=16)
+    assert calls == []                                   # no exact code was computed
+    with pytest.raises(ValueError, match="first in row 199"):
+        certify_sae(random_sae(), mm, 0.2, rows=np.array([5, 199, 7]))
+
+
+def test_clear_messages_for_pt_npz_cuda_and_dtype(tmp_path):
+    from companion.interop import open_activations
+    torch.save(torch.zeros(4, 5), tmp_path / "acts.pt")
+    with pytest.raises(ValueError, match=r"torch.save file .*numpy.save\('acts.npy', torch.load"):
+        open_activations(tmp_path / "acts.pt", 5)
+    np.savez(tmp_path / "acts.npz", a=np.zeros((4, 5)))
+    with pytest.raises(ValueError, match=r"\.npz archive"):
+        open_activations(tmp_path / "acts.npz", 5)
+    save_sae(random_sae(), tmp_path / "ck", lam=0.3)
+    with pytest.raises(TypeError, match="float16 and bfloat16 included, are cast to it chunk by chunk"):
+        load_sae(tmp_path / "ck", dtype=torch.float16)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda' is not usable here \(this torch has no CUDA"):
+            load_sae(tmp_path / "ck", device="cuda")
+    with pytest.raises(ValueError, match="not a torch device"):
+        load_sae(tmp_path / "ck", device="gpu0")
+
+
+def test_progress_names_the_new_atom_searches(tmp_path, capsys, monkeypatch):
+    """issue 23.5: with progress on, the new-atom searches are a named stage on stderr."""
+    from companion.interop import certify_sae
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    certify_sae(random_sae(), data(n=30), 0.2, progress=True)
+    err = capsys.readouterr().err
+    for stage in ("scan rows for NaN/Inf", "read rows, SAE codes, exact codes", "new-atom searches"):
+        assert f"certify_sae: {stage}" in err
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    certify_sae(random_sae(), data(n=30), 0.2, progress=True)
+    assert capsys.readouterr().err == ""

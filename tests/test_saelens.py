@@ -174,3 +174,21 @@ def test_cli_on_a_saelens_checkpoint(trained, tmp_path, capsys):
     assert code == 0, out.err
     assert f"lambda       {L1 / 2:g}  (from the checkpoint: cfg.json metadata.training_architecture_details" in out.out
     assert "note         " in out.out and "runner_cfg.json" in out.out
+
+
+def test_an_in_memory_saelens_sae_is_certified_with_its_own_lam(trained):
+    """issue 23.1: certify_sae takes a sae_lens SAE of the standard architecture, λ = l1_coefficient / 2."""
+    sae, path = trained
+    x = held_out(120)
+    with quiet():
+        direct = certify_sae(sae, x)
+        ck = load_sae(path, dtype=torch.float64)
+        via = certify_sae(ck, x)
+    assert direct.lam == pytest.approx(L1 / 2) == via.lam
+    assert direct.sae_codes.loss == pytest.approx(via.sae_codes.loss, rel=1e-12)
+    assert direct.exact_codes.loss == pytest.approx(via.exact_codes.loss, rel=1e-12)
+    with quiet(), pytest.raises(ValueError, match="disagrees"):
+        certify_sae(sae, x, L1)                     # SAELens' l1_coefficient is 2λ, not λ
+    topk = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4))
+    with pytest.raises(CheckpointError, match="TopK SAE"):
+        certify_sae(topk, x, 0.1)
