@@ -413,7 +413,7 @@ def _load_saelens(directory: pathlib.Path, device, dtype, activation_scale) -> C
                     "'expected_average_only_in' scale s into the weights and records the training "
                     f"normalisation only in {SAELENS_RUNNER_CFG}, absent here; λ = l1_coefficient / 2 "
                     "assumes no normalisation (if there was one, pass activation_scale=s)",
-                    CheckpointWarning, stacklevel=3)
+                    CheckpointWarning, stacklevel=4)
     return Checkpoint(sae=sae, layout="saelens", path=directory, lam=lam, lam_source=source,
                       l1_weighted_by_decoder_norm=weighted,
                       normalize_activations="expected_average_only_in" if normalised else "none",

@@ -513,7 +513,8 @@ def _next_steps(st: CertificateStatistics, sae: Any, gap_threshold: float,
     if n_enc:
         steps.append({
             "topic": "dead latents", "act": True,
-            "finding": f"{n_enc} latents never fire in the encoder but are used by exact codes {rule3}",
+            "finding": (f"{n_enc} latent{'s never fire' if n_enc != 1 else ' never fires'} in the encoder "
+                        f"but {'are' if n_enc != 1 else 'is'} used by exact codes {rule3}"),
             "action": "the encoder, not the dictionary, loses them: exact codes use them; retrain the encoder",
         })
     if n_dead:
@@ -521,7 +522,8 @@ def _next_steps(st: CertificateStatistics, sae: Any, gap_threshold: float,
         act = st.n_random_used > 0
         steps.append({
             "topic": "dead atoms", "act": act,
-            "finding": (f"{n_dead} atoms unused at exact codes (every d.r < λ); exact codes would use "
+            "finding": (f"{n_dead} atom{'s' if n_dead != 1 else ''} unused at exact codes (every d.r < λ); "
+                        "exact codes would use "
                         f"{st.n_random_used} of {st.n_random} random unit atoms on these rows {rule3}"),
             "action": (f"resample them: random directions do better ({frac:.0%} would be used), e.g. "
                        "toward the new atom u or the largest residuals" if act else

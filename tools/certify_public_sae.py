@@ -11,7 +11,8 @@ such as SAELens' GPT-2-small residual-stream release ``gpt2-small-res-jb``. This
    hook on held-out text: Python's own documentation (``pydoc_data.topics``, shipped with
    Python), not the web text the SAE was trained on; windows of the SAE's context size, the
    BOS position left out (its residual norm is an outlier the SAE is not meant to code);
-3. certifies the SAE in float64 with :func:`companion.certify_sae` and prints the ladder
+3. certifies the SAE in float64 with :func:`companion.interop.certify_checkpoint` (λ from the
+   checkpoint, progress bars, the statistical verdict and next steps) and prints the ladder
 
        SAE loss L(D, Z_SAE)  >=  F_b(D) (exact codes, b = b_dec)  >=  Huber bound (T4)
 
@@ -192,16 +193,19 @@ class PublicCertificate:
 
 
 def certify_checkpoint(directory: str | pathlib.Path, X: Any, *, lam: float | None = None,
-                       override: bool = False, device: str | torch.device | None = None) -> PublicCertificate:
-    """Load the SAELens-layout checkpoint in ``directory`` in float64 and certify it on ``X``.
+                       override: bool = False, device: str | torch.device | None = None,
+                       progress: bool = True) -> PublicCertificate:
+    """Certify the SAELens-layout checkpoint in ``directory`` in float64 on ``X``, with statistics.
 
-    ``lam`` defaults to the λ the checkpoint's training loss implies (:func:`companion.checkpoint_lam`).
+    :func:`companion.interop.certify_checkpoint`: ``lam`` defaults to the λ the checkpoint's
+    training loss implies (:func:`companion.checkpoint_lam`); progress bars on stderr.
     """
-    checkpoint = companion.load_sae(directory, device=device, dtype=torch.float64)
-    lam = companion.checkpoint_lam(checkpoint, lam, override=override)
-    source = checkpoint.lam_source if lam == checkpoint.lam else "given"
-    X = torch.as_tensor(X).to(device=checkpoint.sae.W_dec.device, dtype=torch.float64)
-    return PublicCertificate(companion.certify_sae(checkpoint.sae, X, lam), source, X.shape[0])
+    from companion.interop import certify_checkpoint as certify
+
+    X = torch.as_tensor(X)
+    cert = certify(directory, X, lam=lam, override=override, device=device, progress=progress)
+    source = cert.lam_source.removeprefix("from the checkpoint: ") if lam is None else "given"
+    return PublicCertificate(cert, source, X.shape[0])
 
 
 def main(argv: list[str] | None = None) -> int:
