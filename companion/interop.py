@@ -983,6 +983,9 @@ def _from_saelens(sae: Any, device: Any = None) -> Checkpoint:
                               "(architecture 'standard', ReLU, L1 penalty) is the joint problem of this book")
     if device is None:
         device = next(iter(sae.parameters())).device
+    import copy
+
+    sae = copy.deepcopy(sae)             # SAELens' writers may fold scales into the weights in place
     with tempfile.TemporaryDirectory() as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
