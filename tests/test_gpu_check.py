@@ -27,6 +27,7 @@ def tiny(tmp_path_factory):
         nbformat.v4.new_code_cell('print(f"loss = {0.5:.3f}")'),
         nbformat.v4.new_code_cell("from IPython.display import Markdown\n"
                                   'display(Markdown("**T2** = 0.0"))\n{"atoms": 3}'),
+        nbformat.v4.new_code_cell('import companion\ncompanion.glue("gap", 0.123456, ".2f")'),
     ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     md = folder / "tiny.md"
@@ -44,6 +45,7 @@ def test_two_executions_have_the_same_text_outputs(tiny):
         "[text/markdown]\n**T2** = 0.0",
         "[text/plain]\n{'atoms': 3}",
     ]
+    assert gpu_check.text_outputs(new.cells[3]) == ["[application/papermill.record/text/plain]\n0.12"]
     assert gpu_check.compare(stored, new, "tiny.ipynb") == []
 
 
@@ -56,6 +58,14 @@ def test_a_perturbed_output_is_reported_with_its_cell_and_a_diff(tiny):
     text = str(diffs[0])
     assert text.startswith("tiny.ipynb cell 1: text output differs")
     assert "-loss = 0.500" in text and "+loss = 0.501" in text and "this run (CUDA)" in text
+
+
+def test_a_changed_glued_value_is_reported(tiny):
+    _, stored, new = tiny
+    changed = copy.deepcopy(new)
+    changed.cells[3].outputs[0]["data"]["application/papermill.record/text/plain"] = "0.13"
+    diffs = gpu_check.compare(stored, changed, "tiny.ipynb")
+    assert [(d.notebook, d.cell) for d in diffs] == [("tiny.ipynb", 3)]
 
 
 def test_images_are_not_compared_but_errors_are(tiny):

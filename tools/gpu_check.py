@@ -7,8 +7,8 @@ with CUDA this script tests that promise:
 1. it executes every chapter (or those named) from its ``.md`` with CUDA, exactly as
    ``tools/notebooks.py execute`` does, into a scratch folder (the stored notebooks are not
    touched), and compares each code cell's *text* outputs with the stored CPU outputs:
-   stream text (stdout/stderr) and the ``text/plain``, ``text/markdown``, ``text/html`` and
-   ``text/latex`` forms of results and displays, and errors; images (PNG, SVG, …) are not
+   stream text (stdout/stderr), the ``text/plain``, ``text/markdown``, ``text/html`` and
+   ``text/latex`` forms of results and displays, the text of glued values, and errors; images (PNG, SVG, …) are not
    compared, since plots may differ in the last pixel;
 2. it runs the benchmark scripts of ``bench/`` (``bench_convex.py`` with ``--quick``), which
    add their GPU lines when CUDA is present, and fails if one fails or, when its source uses
@@ -45,7 +45,9 @@ BENCH = ROOT / "bench"
 # Extra arguments per benchmark script, so that the whole check stays at a few minutes.
 BENCH_ARGS = {"bench_convex.py": ["--quick"]}
 BENCH_TIMEOUT_S = 900
-TEXT_MIMES = ("text/plain", "text/markdown", "text/html", "text/latex")
+# the text forms of results and displays, and the text of glued values (what the prose shows)
+TEXT_MIMES = ("text/plain", "text/markdown", "text/html", "text/latex",
+              "application/papermill.record/text/plain")
 MAX_DIFF_LINES = 24
 
 
