@@ -18,7 +18,13 @@ from .sae import (AmortisationGap, SAETrainResult, VanillaSAE, amortisation_gap,
 from .digits import DigitsActivations, digits_activations
 from .lm import LMActivations, lm_activations
 from .interop import (Checkpoint, CheckpointError, CheckpointWarning, LamMismatchError,
-                      SAECertificate, certify_sae, checkpoint_lam, load_sae, save_sae)
+                      SAECertificate, certify_checkpoint, certify_sae, checkpoint_lam, load_sae,
+                      open_activations, save_sae)
+from .verdict import CertificateStatistics
+from .beyond_l1 import (LocalMoves, MatchedL1, PlainStationarity, RefitGap, SparseCheckpoint,
+                        SparseSAE, SparseSAECertificate, best_support_codes, certify_sparse_sae,
+                        load_sparse_sae, local_moves, matched_lambda, nnls_refit,
+                        plain_centroid_stationarity, refit_gap)
 from .matching import AtomMatching, cosine_matrix, match_atoms
 from .absorption import (AbsorptionReport, ConceptProbe, KSparseProbing, SAEBenchAbsorption,
                          absorption, concept_probe, k_sparse_probing, saebench_absorption)
@@ -76,7 +82,25 @@ __all__ = [
     "CheckpointWarning",
     "LamMismatchError",
     "SAECertificate",
+    "certify_checkpoint",
     "certify_sae",
+    "open_activations",
+    "CertificateStatistics",
+    "LocalMoves",
+    "MatchedL1",
+    "PlainStationarity",
+    "RefitGap",
+    "SparseCheckpoint",
+    "SparseSAE",
+    "SparseSAECertificate",
+    "best_support_codes",
+    "certify_sparse_sae",
+    "load_sparse_sae",
+    "local_moves",
+    "matched_lambda",
+    "nnls_refit",
+    "plain_centroid_stationarity",
+    "refit_gap",
     "checkpoint_lam",
     "load_sae",
     "save_sae",
