@@ -11,6 +11,12 @@ chunk by chunk, so memory follows ``--chunk-size`` (times ``d_sae``), not the nu
 ``--max-rows N`` certifies N rows drawn at random (``--seed``) rather than the first N, which
 in a token-ordered file would be a biased sample.
 
+A SAELens TopK, BatchTopK or JumpReLU checkpoint gets Chapter 9's certificates instead
+(:func:`companion.beyond_l1.certify_sparse_sae`: the support-refit gap, the local-move
+certificate, plain-centroid stationarity and the matched-λ L1 view), at its own ``k`` or
+JumpReLU's ε, in one process, on ``--max-rows`` rows drawn at random (default 4096: the
+local moves cost a small NNLS per row); ``--lam`` does not apply to it.
+
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the row pass is shared: every
 process memory-maps the same file, certifies every ``WORLD_SIZE``-th chunk of rows on its own
 device (``cuda:LOCAL_RANK`` with the NCCL backend when CUDA is present, else the CPU with gloo),
@@ -37,6 +43,7 @@ import warnings
 import numpy as np
 import torch
 
+from .beyond_l1 import SparseCheckpoint, certify_sparse_sae
 from .interop import CheckpointError, CheckpointWarning, LamMismatchError, certify_sae, checkpoint_lam, load_sae, \
     open_activations
 
@@ -179,6 +186,8 @@ def _certify(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", CheckpointWarning)
         ckpt = load_sae(args.checkpoint, device=device, dtype=dtype,
                         activation_scale=args.activation_scale)
+    if isinstance(ckpt, SparseCheckpoint):
+        return _certify_sparse(args, ckpt, rank)
     lam = checkpoint_lam(ckpt, args.lam, override=args.override_lam)
     A = _open_activations(pathlib.Path(args.activations), ckpt.sae.d_in)
     rows = _sample_rows(A.shape[0], max_rows, args.seed)
@@ -226,6 +235,35 @@ def _certify(args: argparse.Namespace) -> int:
         except OSError as e:
             raise InputError(f"could not write --json {str(out)!r}: {e}") from None
         print(f"\nwrote {out}")
+    return 0
+
+
+def _certify_sparse(args: argparse.Namespace, ckpt: SparseCheckpoint, rank: int) -> int:
+    """A TopK, BatchTopK or JumpReLU checkpoint: Chapter 9's certificates (one process)."""
+    if args.lam is not None:
+        raise InputError(f"--lam applies to L1 SAEs; {args.checkpoint} is a {ckpt.architecture} SAE, "
+                         "certified under its own k or JumpReLU's eps")
+    if rank != 0:
+        return 0
+    A = _open_activations(pathlib.Path(args.activations), ckpt.sae.d_in)
+    # the local moves cost a small NNLS per sample and candidate: 4096 random rows by default
+    rows = _sample_rows(A.shape[0], args.max_rows if args.max_rows is not None else 4096, args.seed)
+    X = np.array(A if rows is None else A[np.sort(rows)])
+    cert = certify_sparse_sae(ckpt.sae, X, eps=ckpt.eps, max_samples=None)
+    budget = f"k = {ckpt.k:g}" if ckpt.k is not None else "no k"
+    price = f"eps = {ckpt.eps:g} ({ckpt.eps_source})" if ckpt.eps is not None else f"no eps ({ckpt.eps_source})"
+    print(f"checkpoint   {ckpt.path}  ({ckpt.architecture}; d_in={ckpt.sae.d_in}, d_sae={ckpt.sae.d_sae}; "
+          f"{budget}; {price})\nactivations  {args.activations}  ({X.shape[0]} rows)\n")
+    print(cert.summary())
+    if args.json:
+        payload = {"checkpoint": str(ckpt.path), "architecture": ckpt.architecture, "k": ckpt.k,
+                   "eps": ckpt.eps, "eps_source": ckpt.eps_source, "activations": str(args.activations),
+                   "n_samples": int(X.shape[0]), "summary": cert.summary().splitlines()}
+        try:
+            pathlib.Path(args.json).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+        except OSError as e:
+            raise InputError(f"could not write --json {args.json!r}: {e}") from None
+        print(f"\nwrote {args.json}")
     return 0
 
 

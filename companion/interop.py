@@ -6,8 +6,9 @@ Two checkpoint layouts are read, both into a :class:`companion.sae.VanillaSAE`
 * **SAELens** (v5 and v6) — a directory holding ``sae_weights.safetensors`` (``W_enc``
   (d_in, d_sae), ``b_enc`` (d_sae,), ``W_dec`` (d_sae, d_in), ``b_dec`` (d_in,)) and
   ``cfg.json``, and, when SAELens' training runner wrote it, ``runner_cfg.json``. Only the
-  ``"standard"`` architecture with a ReLU is a vanilla SAE; TopK, BatchTopK, JumpReLU, gated
-  and the rest are refused by name. With ``apply_b_dec_to_input: false`` the encoder does
+  ``"standard"`` architecture with a ReLU is a vanilla SAE; TopK, BatchTopK and JumpReLU
+  checkpoints are read into a :class:`companion.beyond_l1.SparseSAE` instead (Chapter 9),
+  gated, Matryoshka and the rest are refused by name. With ``apply_b_dec_to_input: false`` the encoder does
   not subtract ``b_dec``, which is folded exactly into the encoder bias
   (``b_enc ← b_enc + b_dec W_enc``).
 * **dictionary_learning** (saprmarks) — a file ``ae.pt`` (or a directory holding one, with
@@ -125,6 +126,9 @@ _SAELENS_OTHER = {
     "jumprelu": "JumpReLU", "gated": "gated", "abstopk": "AbsTopK",
     "matching_pursuit": "matching pursuit", "temporal": "temporal", "transcoder": "transcoder",
 }
+#: SAELens architectures read into their own type by :func:`companion.beyond_l1.load_sparse_sae`
+#: (Chapter 9); their certificates are :func:`companion.beyond_l1.certify_sparse_sae`'s.
+_SPARSE_ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
 #: dictionary_learning trainers (and dictionary classes) of other architectures.
 _DL_OTHER = {
     "TopKTrainer": "TopK", "AutoEncoderTopK": "TopK", "BatchTopKTrainer": "BatchTopK",
@@ -307,6 +311,11 @@ def _load_saelens(directory: pathlib.Path, device, dtype, activation_scale) -> C
     train = _saelens_training(cfg, runner)
     arch = cfg.get("architecture", "standard")
     act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+    if arch in _SPARSE_ARCHITECTURES or train["training_architecture"] in _SPARSE_ARCHITECTURES:
+        from .beyond_l1 import load_sparse_sae   # imported here: beyond_l1 imports this module
+
+        return load_sparse_sae(directory, device=device, dtype=dtype or torch.float64,
+                               activation_scale=activation_scale)
     for a in (arch, train["training_architecture"]):
         if isinstance(a, str) and a in _SAELENS_OTHER:
             raise CheckpointError(
@@ -501,7 +510,11 @@ def load_sae(path: str | pathlib.Path, *, device: torch.device | str | None = No
 
     Returns
     -------
-    Checkpoint
+    Checkpoint, or companion.beyond_l1.SparseCheckpoint
+        A SAELens ``topk``, ``batchtopk`` or ``jumprelu`` checkpoint is read by
+        :func:`companion.beyond_l1.load_sparse_sae` into a
+        :class:`~companion.beyond_l1.SparseCheckpoint` (Chapter 9): no λ, but its ``k`` or
+        JumpReLU's :math:`\varepsilon`. Its ``dtype`` defaults to float64.
 
     Raises
     ------
@@ -521,7 +534,7 @@ def load_sae(path: str | pathlib.Path, *, device: torch.device | str | None = No
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
     ck = _load_path(p, device, dtype, activation_scale)
-    if ck.lam is not None:
+    if isinstance(ck, Checkpoint) and ck.lam is not None:
         # remembered on the module, so that certify_sae(checkpoint.sae, X, lam) can warn when
         # lam is the checkpoint's times 2 (SAELens' l1_coefficient) or 1/2
         ck.sae._checkpoint_lam = (ck.lam, ck.lam_source)
@@ -979,8 +992,11 @@ def _from_saelens(sae: Any, device: Any = None) -> Checkpoint:
     arch = cfg.architecture() if cfg is not None and callable(getattr(cfg, "architecture", None)) else None
     if arch is not None and arch != "standard":
         name = _SAELENS_OTHER.get(arch, arch)
+        hint = (" For its own certificates (Chapter 9) save it with save_inference_model and call "
+                "certify_checkpoint(directory, X)." if arch in _SPARSE_ARCHITECTURES else "")
         raise CheckpointError(f"sae is a SAELens {name} SAE (architecture {arch!r}): only a vanilla SAE "
-                              "(architecture 'standard', ReLU, L1 penalty) is the joint problem of this book")
+                              "(architecture 'standard', ReLU, L1 penalty) is the L1 joint problem "
+                              "certify_sae certifies." + hint)
     if device is None:
         device = next(iter(sae.parameters())).device
     import copy
@@ -1008,6 +1024,9 @@ def _resolve(sae: Any, lam: float | None, override: bool) -> tuple[VanillaSAE, f
     """The VanillaSAE and λ to certify, from a VanillaSAE, a Checkpoint or a sae_lens.SAE."""
     if _is_saelens(sae):
         sae = _from_saelens(sae)
+    if _is_sparse_checkpoint(sae):
+        raise TypeError(f"{sae.path} is a {sae.architecture} SAE: certify_sae certifies L1 SAEs; "
+                        "certify_checkpoint(checkpoint, X) gives its own certificates (Chapter 9)")
     if isinstance(sae, Checkpoint):
         chosen = checkpoint_lam(sae, lam, override=override)
         if lam is not None and sae.lam is not None:
@@ -1290,6 +1309,12 @@ def certify_sae(sae: Any, X: Any, lam: float | None = None, *, exact: bool = Tru
                           world_size=world, lam_source=lam_source)
 
 
+def _is_sparse_checkpoint(ck: Any) -> bool:
+    from .beyond_l1 import SparseCheckpoint
+
+    return isinstance(ck, SparseCheckpoint)
+
+
 def certify_checkpoint(checkpoint: Any, X: Any, *, lam: float | None = None, override: bool = False,
                        activation_scale: float | None = None, device: Any = None,
                        dtype: torch.dtype = torch.float64, progress: bool = True,
@@ -1330,7 +1355,11 @@ def certify_checkpoint(checkpoint: Any, X: Any, *, lam: float | None = None, ove
     Returns
     -------
     SAECertificate
-        With ``lam_source`` saying where λ came from.
+        With ``lam_source`` saying where λ came from. For a TopK, BatchTopK or JumpReLU
+        checkpoint (a :class:`~companion.beyond_l1.SparseCheckpoint`), the
+        :class:`~companion.beyond_l1.SparseSAECertificate` of
+        :func:`companion.beyond_l1.certify_sparse_sae` (Chapter 9) at the checkpoint's ``k`` or
+        :math:`\varepsilon`; of ``options`` it takes ``max_samples``, ``matched_l1``, ``tol``.
     """
     import copy
 
@@ -1345,11 +1374,21 @@ def certify_checkpoint(checkpoint: Any, X: Any, *, lam: float | None = None, ove
             ck.sae = copy.deepcopy(checkpoint.sae).to(device=device, dtype=dtype)
     elif isinstance(checkpoint, (str, os.PathLike)):
         ck = load_sae(checkpoint, device=device, dtype=dtype, activation_scale=activation_scale)
+    elif _is_sparse_checkpoint(checkpoint):
+        ck = checkpoint
     else:
         raise TypeError(f"checkpoint must be a path or a Checkpoint (load_sae), got {type(checkpoint).__name__}; "
                         "for a VanillaSAE or a sae_lens SAE in memory use certify_sae")
     if isinstance(X, (str, os.PathLike)):
         X = open_activations(X, ck.sae.d_in)
+    if _is_sparse_checkpoint(ck):
+        from .beyond_l1 import certify_sparse_sae
+
+        if lam is not None:
+            raise ValueError(f"lam applies to L1 SAEs; {ck.path} is a {ck.architecture} SAE, certified "
+                             "under its own k or JumpReLU's eps (Chapter 9)")
+        return certify_sparse_sae(ck.sae, X, eps=ck.eps,
+                                  **{k: v for k, v in options.items() if k in ("max_samples", "matched_l1", "tol")})
     lam_used = checkpoint_lam(ck, lam, override=override)
     if lam is None:
         source = f"from the checkpoint: {ck.lam_source}"

@@ -251,3 +251,22 @@ def test_progress_is_on_by_default_and_names_the_stages(trained, capsys, monkeyp
     code, _, err = run(["certify", str(trained / "sae"), str(trained / "acts.npy")], capsys)
     assert code == 0
     assert "certify_sae: read rows, SAE codes, exact codes" in err and "certify_sae: new-atom searches" in err
+
+
+def test_a_topk_checkpoint_gets_chapter_9s_certificates(tmp_path, capsys):
+    """The committed SAELens TopK checkpoint of tools/beyond_l1_saes: the CLI prints the
+    support-refit gap, the local moves and the matched-λ view; --lam is refused for it."""
+    import pathlib
+
+    ck = pathlib.Path(__file__).resolve().parents[1] / "tools" / "beyond_l1_saes" / "topk_2_seed0"
+    acts = tmp_path / "acts.npy"
+    np.save(acts, np.random.default_rng(0).normal(size=(300, 4)))
+    assert main(["certify", str(ck), str(acts), "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "topk; d_in=4, d_sae=4; k = 2" in out and "300 rows" in out
+    for words in ("support-refit gap", "local moves (k=2)", "plain-centroid stationarity", "matched L1"):
+        assert words in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["architecture"] == "topk" and report["k"] == 2 and report["n_samples"] == 300
+    assert main(["certify", str(ck), str(acts), "--lam", "0.1"]) == 2
+    assert "--lam applies to L1 SAEs" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from companion.interop import CheckpointError, certify_sae, checkpoint_lam, load_sae, save_sae
+from companion.interop import CheckpointError, certify_checkpoint, certify_sae, checkpoint_lam, load_sae, save_sae
 from companion.sae import VanillaSAE
 
 sae_lens = pytest.importorskip("sae_lens")
@@ -125,13 +125,32 @@ def test_companion_save_loads_in_saelens_with_the_same_forward_pass(tmp_path):
     assert load_sae(tmp_path / "ours").lam == 0.2
 
 
-@pytest.mark.parametrize("name, cfg_kwargs", [("TopK", {"k": 4}), ("JumpReLU", {}), ("Gated", {})])
-def test_other_saelens_architectures_are_refused(tmp_path, name, cfg_kwargs):
-    cls, cfg_cls = getattr(sae_lens, f"{name}SAE"), getattr(sae_lens, f"{name}SAEConfig")
+def test_gated_saelens_checkpoints_are_refused(tmp_path):
     with quiet():
-        cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, **cfg_kwargs)).save_model(tmp_path / name)
-    with pytest.raises(CheckpointError, match=f"{name.replace('Gated', 'gated')} SAE"):
-        load_sae(tmp_path / name)
+        sae_lens.GatedSAE(sae_lens.GatedSAEConfig(d_in=D_IN, d_sae=D_SAE)).save_model(tmp_path / "g")
+    with pytest.raises(CheckpointError, match="gated SAE"):
+        load_sae(tmp_path / "g")
+
+
+@pytest.mark.parametrize("name, arch, cfg_kwargs", [("TopK", "topk", {"k": 4}), ("JumpReLU", "jumprelu", {})])
+def test_topk_and_jumprelu_checkpoints_load_into_their_own_type(tmp_path, name, arch, cfg_kwargs):
+    """load_sae reads them with Chapter 9's loader; certify_checkpoint gives its certificates,
+    and certify_sae (the L1 certificate) refuses them with a pointer there."""
+    from companion.beyond_l1 import SparseCheckpoint, SparseSAECertificate
+
+    sae = getattr(sae_lens, f"{name}SAE")(getattr(sae_lens, f"{name}SAEConfig")(d_in=D_IN, d_sae=D_SAE, **cfg_kwargs))
+    with quiet():
+        sae.save_model(tmp_path / name)
+    ck = load_sae(tmp_path / name)
+    assert isinstance(ck, SparseCheckpoint) and ck.architecture == arch
+    x = held_out()[:64]
+    if arch == "topk":
+        cert = certify_checkpoint(tmp_path / name, x, progress=False)
+        assert isinstance(cert, SparseSAECertificate) and cert.k == 4
+    with pytest.raises(TypeError, match="certify_checkpoint"):
+        certify_sae(ck, x)
+    with pytest.raises(CheckpointError, match="certify_checkpoint"):
+        certify_sae(sae, x, 0.1)
 
 
 def test_normalised_run_gets_lam_over_twice_the_scale(tmp_path):
