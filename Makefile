@@ -21,10 +21,11 @@ book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . --path-output . -W --keep-going
 	@echo "book: open _build/html/index.html"
 
-## test: unit tests, nbval over every chapter notebook, and the notebook consistency checks.
+## test: unit tests, nbval over every chapter notebook, and the notebook consistency checks
+## (progress bars off, as when the stored outputs were executed).
 test: $(STAMP)
 	$(PY) tools/notebooks.py check
-	$(PY) -m pytest --nbval --nbval-current-env -q
+	TQDM_DISABLE=1 $(PY) -m pytest --nbval --nbval-current-env -q
 
 ## execute: re-run every chapter (md -> ipynb) deterministically and store the outputs; each
 ## chapter's cell count and wall time go to book/execution_stats.csv (the book's statistics page).

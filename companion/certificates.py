@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from .runtime import progress_bar
 from ._validation import ArrayKind, as_tensor, check_columns, check_dictionary, check_nonnegative, \
     check_positive, check_positive_int
 from .coding import _Dict, _encode_tensor, default_chunk_size, default_tol, ConvergenceWarning
@@ -575,9 +575,9 @@ def _certify_tensor(X, D, lam, Z, kind: ArrayKind, chunk_size, tol_active, progr
     n = X.shape[0]
     acc = _Running(D, lam, tol_active, n_candidates)
     exact = _ExactCodes(D, lam, etol, emax, eadd, efb) if Z is None else None
-    for s in tqdm(range(0, n, chunk_size), disable=not progress,
-                  desc="certify (exact codes)" if Z is None else "certify (given codes)",
-                  unit="chunk", leave=False):
+    for s in progress_bar(range(0, n, chunk_size), progress=progress,
+                          desc="certify (exact codes)" if Z is None else "certify (given codes)",
+                          unit="chunk"):
         e = min(n, s + chunk_size)
         Xc = X[s:e] if bias is None else X[s:e] - bias
         acc.add(Xc, exact(Xc) if exact is not None else Z[s:e])

@@ -46,11 +46,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ._validation import (as_tensor, check_codes, check_columns, check_dictionary, check_positive,
                           check_positive_int)
-from .runtime import cpu_threads
+from .runtime import cpu_threads, progress_bar
 
 __all__ = [
     "ConvergenceWarning",
@@ -842,7 +841,7 @@ def _encode_tensor(X, D, lam, tol, max_iter, chunk_size, Z0, progress, add_per_i
     Z = torch.zeros(n, k, dtype=dt, device=dev)
     n_iter, vmax, n_fb, smax, n_bad, n_lim, lim_norm, lim_v = 0, 0.0, 0, 0, 0, 0, 0.0, 0.0
     starts = range(0, n, chunk_size)
-    for s in tqdm(starts, disable=not progress, desc="encode", unit="chunk", leave=False):
+    for s in progress_bar(starts, progress=progress, desc="encode", unit="chunk"):
         e = min(n, s + chunk_size)
         Xc, Zc = X[s:e], Z[s:e]
         Z0c = None if Z0 is None else Z0[s:e]

@@ -52,11 +52,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ._validation import (as_tensor, check_codes, check_columns, check_dictionary,
                           check_nonnegative, check_positive, check_positive_int)
-from .runtime import generator
+from .runtime import generator, progress_bar
 
 __all__ = [
     "ConvexConvergenceWarning",
@@ -424,7 +423,7 @@ def _solve(X, C, lam, mu, tol, max_iter, check_every, Z0, screen, progress):
     Y, t = Za.clone(), 1.0
     n_screened, it, polished_at = 0, 0, -1
     last_support = None
-    bar = tqdm(total=max_iter, desc="solve_convex", leave=False) if progress else None
+    bar = progress_bar(total=max_iter, progress=progress, desc="solve_convex") if progress else None
     while True:
         if it % check_every == 0 or it >= max_iter:
             Z = torch.zeros(n, k, dtype=X.dtype, device=X.device)
@@ -489,7 +488,7 @@ def _bcd(X, C, lam, mu, tol, max_iter, check_every, Z0, screen, progress, polish
     alive = torch.ones(k, dtype=torch.bool, device=X.device)
     n_screened, it, polished_at = 0, 0, -1
     work: list = []
-    bar = tqdm(total=max_iter, desc="solve_convex", leave=False) if progress else None
+    bar = progress_bar(total=max_iter, progress=progress, desc="solve_convex") if progress else None
     while True:
         if it % check_every == 0 or it >= max_iter:
             R = X - Z @ C

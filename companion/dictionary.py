@@ -68,14 +68,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from ._validation import as_tensor, check_dictionary, check_positive, check_positive_int, \
     check_columns
 from .certificates import CertificateReport, _best_new_atom, _certify_tensor
 from .coding import (_BUCKET_ROWS, _BUCKETS, ConvergenceWarning, _Dict,
                      _encode_tensor, _supports_of, default_chunk_size, default_tol)
-from .runtime import cpu_threads, generator
+from .runtime import cpu_threads, generator, progress_bar
 
 __all__ = ["DictionaryFit", "fit_dictionary"]
 
@@ -516,8 +515,7 @@ class _Fit:
         self.etol, self.chunk_size = etol, chunk_size
         self.resample_dead, self.extrapolate = resample_dead, extrapolate
         self.time_limit, self.callback, self.method = time_limit, callback, method
-        self.bar = tqdm(total=max_iter, disable=not progress, desc=f"fit_dictionary {label}",
-                        leave=False)
+        self.bar = progress_bar(total=max_iter, progress=progress, desc=f"fit_dictionary {label}")
         self.progress = progress
         self.n = X.shape[0]
         self.ridge = 1e-12 if X.dtype == torch.float64 else 1e-6

@@ -87,14 +87,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ._validation import ArrayKind, check_positive, check_positive_int
 from .certificates import CertificateReport, _encode_options, _ExactCodes, _Running, check_nonempty, \
     default_certificate_tol
 from .coding import default_chunk_size
 from .losses import sae_codes
-from .runtime import perturb_data, pick_device
+from .runtime import perturb_data, pick_device, progress_bar
 from .sae import VanillaSAE
 from .verdict import CertificateStatistics, _gather_rows, _Noise, assess, split_signs
 
@@ -890,15 +889,6 @@ class SAECertificate:
         return self.summary()
 
 
-def _tqdm_off() -> bool:
-    return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _bar(progress: bool, **kwargs) -> tqdm:
-    """A tqdm bar on stderr, off unless ``progress`` (and always off under ``TQDM_DISABLE=1``)."""
-    return tqdm(disable=not progress or _tqdm_off(), leave=False, **kwargs)
-
-
 def _sae_input(X: Any) -> tuple[Any, bool]:
     """Check the activations' kind and shape without reading them (they may be a memory map)."""
     if isinstance(X, (str, os.PathLike)):
@@ -1235,7 +1225,7 @@ def certify_sae(sae: Any, X: Any, lam: float | None = None, *, exact: bool = Tru
     mine = sum(e - s for s, e in chunks)
 
     if check_finite:
-        with _bar(progress, total=1, desc="certify_sae: scan rows for NaN/Inf", unit="pass"):
+        with progress_bar(progress=progress, total=1, desc="certify_sae: scan rows for NaN/Inf", unit="pass"):
             bad = _first_nonfinite(X, is_numpy, rows, chunks)
         if group is not None:
             import torch.distributed as dist
@@ -1257,7 +1247,7 @@ def certify_sae(sae: Any, X: Any, lam: float | None = None, *, exact: bool = Tru
         codes = _ExactCodes(D, lam, etol, emax, eadd, efb) if exact else None
         noise = _Noise(D, lam) if stats_on else None
         desc = "certify_sae: read rows, SAE codes" + (", exact codes" if exact else "")
-        with _bar(progress, total=mine, desc=desc, unit="row") as bar:
+        with progress_bar(progress=progress, total=mine, desc=desc, unit="row") as bar:
             for s, e in chunks:
                 idx = slice(s, e) if rows is None else rows[s:e]
                 if is_numpy:
@@ -1294,7 +1284,7 @@ def certify_sae(sae: Any, X: Any, lam: float | None = None, *, exact: bool = Tru
         if exact:
             codes.warn(stacklevel=2)
         searches = 1 + int(exact) + 2 * int(stats_on)
-        with _bar(progress, total=searches, desc="certify_sae: new-atom searches", unit="search") as stage:
+        with progress_bar(progress=progress, total=searches, desc="certify_sae: new-atom searches", unit="search") as stage:
             rep_sae = on_sae.report(kind, codes="given", tol=tol, with_bias=True)
             stage.update(1)
             if not exact:

@@ -38,7 +38,7 @@ import torch
 
 from ._validation import as_tensor, check_positive, check_positive_int
 from .interop import Checkpoint, CheckpointWarning, load_sae
-from .runtime import generator, pick_device
+from .runtime import generator, pick_device, progress_bar
 from .sae import VanillaSAE
 
 __all__ = ["LMActivations", "SAELensRun", "default_model_path", "lm_activations", "python_docs",
@@ -292,12 +292,9 @@ def lm_activations(
     states: list[torch.Tensor | None] = [None] * len(encoded)
     hook = _stop_hook(layer, blocks)
     try:
-        from tqdm import tqdm
-
-        off = not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
         with torch.inference_mode():
-            for b in tqdm(range(0, len(by_length), batch_size), disable=off, leave=False, unit="batch",
-                          desc=f"lm_activations: blocks 1-{layer} on {total} tokens"):
+            for b in progress_bar(range(0, len(by_length), batch_size), progress=progress, unit="batch",
+                                  desc=f"lm_activations: blocks 1-{layer} on {total} tokens"):
                 idx = by_length[b:b + batch_size]
                 width = max(len(encoded[i][1]) for i in idx)
                 ids = torch.zeros(len(idx), width, dtype=torch.long)

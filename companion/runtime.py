@@ -15,6 +15,7 @@ import random
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
@@ -84,6 +85,18 @@ def cpu_threads(n: int | None):
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+def progress_bar(iterable=None, *, progress: bool, **kwargs) -> tqdm:
+    """A tqdm bar on stderr, shown when ``progress`` is true and ``TQDM_DISABLE`` is not set.
+
+    tqdm reads ``TQDM_DISABLE`` only when ``disable`` is not passed, so every bar of the
+    package is made here, where both are honoured (stored notebook outputs are executed with
+    ``TQDM_DISABLE=1`` and must hold no stderr). ``leave`` defaults to False.
+    """
+    off = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+    kwargs.setdefault("leave", False)
+    return tqdm(iterable, disable=not progress or off, **kwargs)
 
 
 def perturb_data(X: torch.Tensor) -> torch.Tensor:

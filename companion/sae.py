@@ -17,18 +17,16 @@ the encoder is an amortised, one-step approximation of the exact nonnegative-las
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from tqdm import tqdm
 
 from ._validation import ArrayKind, as_tensor, check_positive, check_positive_int
 from .coding import encode as exact_encode
 from .losses import joint_loss, sae_codes
-from .runtime import cpu_threads, generator
+from .runtime import cpu_threads, generator, progress_bar
 
 __all__ = [
     "AmortisationGap",
@@ -217,10 +215,6 @@ class SAETrainResult:
     seed: int
 
 
-def _truthy_env(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
-
-
 # Below this many decoder entries a training step is a few dozen tiny kernels; on the CPU,
 # handing each to several threads costs more than the arithmetic (tens of times more on a
 # busy machine), so such models train on one thread.
@@ -359,8 +353,8 @@ def _train(Xt: torch.Tensor, n_latents: int, lam: float, steps: int, bs: int, lr
     opt = torch.optim.Adam(params, lr=lr)
     history = torch.empty(steps, dtype=Xt.dtype, device=dev)
     perm, pos = torch.randperm(n, generator=g).to(dev), 0
-    bar = tqdm(range(steps), desc="train_sae", unit="step", file=sys.stderr,
-               disable=not progress or _truthy_env("TQDM_DISABLE"))
+    bar = progress_bar(range(steps), progress=progress, desc="train_sae", unit="step", file=sys.stderr,
+                       leave=True)
     for step in bar:
         if bs == n:                       # full batch: no permutation needed
             batch = Xt

@@ -90,3 +90,11 @@ def test_glue_stores_floats_at_the_digits_shown_in_myst_nb_format():
 def test_glue_refuses_a_float_without_a_format():
     with pytest.raises(ValueError, match="fmt"):
         _glued("x", 0.5)
+
+
+def test_progress_bar_honours_the_flag_and_tqdm_disable(monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert not companion.runtime.progress_bar(range(3), progress=True).disable
+    assert companion.runtime.progress_bar(range(3), progress=False).disable
+    monkeypatch.setenv("TQDM_DISABLE", "1")           # how the stored outputs are executed
+    assert companion.runtime.progress_bar(range(3), progress=True).disable
