@@ -2,18 +2,14 @@
 stationarity against finite differences, the matched-λ L1 view, and SAELens TopK / BatchTopK /
 JumpReLU checkpoints trained, saved and loaded back."""
 
-import contextlib
-import io
-import itertools
 import json
-import os
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from scipy import optimize
 
+from helpers import quiet
 from companion.beyond_l1 import (SparseSAE, best_support_codes, certify_sparse_sae, load_sparse_sae,
                                  local_moves, matched_lambda, nnls_refit, plain_centroid_stationarity,
                                  refit_gap)
@@ -192,21 +188,6 @@ def test_sparse_sae_topk_and_jumprelu_encode():
 # ----------------------------------------------------------------------------------------
 
 sae_lens = pytest.importorskip("sae_lens")
-
-
-@contextlib.contextmanager
-def quiet():
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE")
-        else:
-            os.environ["TQDM_DISABLE"] = before
 
 
 def _data(n=512, d=6, seed=0):

@@ -6,11 +6,7 @@ network: its trainer takes an iterator of activation tensors. Everything runs in
 that agreement is to rounding (1e-12), well inside the issue's 1e-6.
 """
 
-import contextlib
-import io
 import json
-import os
-import warnings
 
 import numpy as np
 import pytest
@@ -18,6 +14,7 @@ import torch
 
 from companion.interop import CheckpointError, certify_checkpoint, certify_sae, checkpoint_lam, load_sae, save_sae
 from companion.sae import VanillaSAE
+from helpers import quiet
 
 sae_lens = pytest.importorskip("sae_lens")
 from sae_lens import SAE, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig  # noqa: E402
@@ -28,22 +25,6 @@ D_IN, D_SAE, L1, BATCH, STEPS = 8, 16, 0.5, 128, 30
 
 # tiny kernels: one thread is many times faster than two spinning ones on a shared machine
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@contextlib.contextmanager
-def quiet():
-    """SAELens prints tqdm bars and warnings on stderr: keep the test output clean."""
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE")
-        else:
-            os.environ["TQDM_DISABLE"] = before
 
 
 def batches(scale=3.0, seed=1):

@@ -179,11 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"       # nothing from the network, in the kernels too
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     label = "this run (CUDA)" if cuda else "this run (CPU)"
-    chapters = [md for md in notebooks.paired_chapters()
-                if not args.chapters or md.stem in args.chapters or md.name in args.chapters]
-    unknown = set(args.chapters) - {md.stem for md in chapters} - {md.name for md in chapters}
+    chapters, unknown = notebooks.select_chapters(args.chapters)
     if unknown:
-        print(f"gpu-check: no chapter named {sorted(unknown)}")
+        print(f"gpu-check: no chapter named {unknown}")
         return 2
     scratch = args.scratch or pathlib.Path(tempfile.mkdtemp(prefix="gpu-check-"))
     scratch.mkdir(parents=True, exist_ok=True)

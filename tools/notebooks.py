@@ -92,6 +92,14 @@ def paired_chapters(book: pathlib.Path = BOOK) -> list[pathlib.Path]:
     return chapters
 
 
+def select_chapters(names: list[str], book: pathlib.Path = BOOK) -> tuple[list[pathlib.Path], list[str]]:
+    """The paired chapters named in ``names`` (stems or file names; all when empty), and the
+    names that match no chapter."""
+    chapters = [md for md in paired_chapters(book) if not names or md.stem in names or md.name in names]
+    unknown = sorted(set(names) - {md.stem for md in chapters} - {md.name for md in chapters})
+    return chapters, unknown
+
+
 def _merge_streams(outputs: list) -> list:
     """Join consecutive outputs of the same stream.
 
@@ -409,10 +417,11 @@ def main(argv: list[str]) -> int:
         for p in problems:
             print(p)
         return 1 if problems else 0
-    wanted = set(argv[1:])
-    for md in paired_chapters():
-        if wanted and md.stem not in wanted and md.name not in wanted:
-            continue
+    chapters, unknown = select_chapters(argv[1:])
+    if unknown:
+        print(f"execute: no chapter named {unknown}")
+        return 2
+    for md in chapters:
         print(f"executing {md.relative_to(ROOT)}", flush=True)
         row = execute(md)
         print(f"  {row['Cells']} cells, {row['Run time (s)']} s on {row['CPU cores']} "

@@ -87,11 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: a new temporary folder, kept for inspection)")
     args = ap.parse_args(argv)
 
-    chapters = [md for md in notebooks.paired_chapters()
-                if not args.chapters or md.stem in args.chapters or md.name in args.chapters]
-    unknown = set(args.chapters) - {md.stem for md in chapters} - {md.name for md in chapters}
+    chapters, unknown = notebooks.select_chapters(args.chapters)
     if unknown:
-        print(f"robust: no chapter named {sorted(unknown)}")
+        print(f"robust: no chapter named {unknown}")
         return 2
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
