@@ -113,3 +113,37 @@ def test_the_statistics_page_renders_the_csv_and_is_in_the_table_of_contents():
     assert "book/execution" in (notebooks.ROOT / "_toc.yml").read_text()
     header = notebooks.STATS.read_text().splitlines()[0]
     assert header.split(",") == notebooks.STATS_HEADER
+
+
+def _glued_notebook(values):
+    """A notebook whose one code cell stored ``values`` the way companion.glue does."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("...")
+    cell.outputs = [nbformat.v4.new_output(
+        "display_data", data={"application/papermill.record/text/plain": text},
+        metadata={"scrapbook": {"name": name, "mime_prefix": "application/papermill.record/"}})
+        for name, text in values.items()]
+    nb.cells = [cell]
+    return nb
+
+
+def test_glued_floats_store_only_the_digits_the_prose_shows(tmp_path):
+    import nbformat
+
+    nb = _glued_notebook({"gap": "0.12", "raw": "12.405896186828613", "n": "7"})
+    assert notebooks.check_glue("gap {glue:text}`gap:.2f`, n {glue:text}`n`", nb, "x.ipynb") == []
+    [too_many] = notebooks.check_glue("{glue:text}`raw:.2f`", nb, "x.ipynb")
+    assert "stores 12.405896186828613 but the prose shows it as 12.41" in too_many
+    assert "'.2f'" in too_many
+    [bare] = notebooks.check_glue("{glue:text}`raw`", nb, "x.ipynb")
+    assert "full precision" in bare
+    [missing] = notebooks.check_glue("{glue:text}`nope:.1f`", nb, "x.ipynb")
+    assert "which no cell stores" in missing
+    [coarser] = notebooks.check_glue("{glue:text}`gap:.1f`", nb, "x.ipynb")   # 0.12 shown as 0.1
+    assert "shows it as 0.1" in coarser
+    nbformat.write(_glued_notebook({"t2": "0.011", "t2_raw": "0.0113456789"}), tmp_path / "other.ipynb")
+    prose = "{glue:text}`other.ipynb::t2:.3f` and {glue:text}`other.ipynb::t2_raw:.3f`"
+    [cross] = notebooks.check_glue(prose, nb, "x.ipynb", tmp_path)
+    assert "'other.ipynb::t2_raw' stores 0.0113456789" in cross

@@ -315,8 +315,9 @@ def check() -> list[str]:
     return problems
 
 
-# A glue reference of the prose: {glue}`name`, {glue:text}`name:.2f`, ...
-_GLUE_REF = re.compile(r"\{glue(?::\w+)?\}`([\w.-]+)(?::([^`]*))?`")
+# A glue reference of the prose: {glue}`name`, {glue:text}`name:.2f`, and a value glued in another
+# chapter, {glue:text}`ch07_real_representations.ipynb::name:.2f`
+_GLUE_REF = re.compile(r"\{glue(?::\w+)?\}`(?:([\w.-]+\.ipynb)::)?([\w.-]+)(?::([^`]*))?`")
 _GLUE_MIME = "application/papermill.record/text/plain"
 
 
@@ -332,20 +333,25 @@ def glued_values(nb: nbformat.NotebookNode) -> dict[str, str]:
     return values
 
 
-def check_glue(prose: str, nb: nbformat.NotebookNode, label: str) -> list[str]:
+def check_glue(prose: str, nb: nbformat.NotebookNode, label: str, book: pathlib.Path = BOOK) -> list[str]:
     """Glued floats store only the digits the prose shows.
 
     A float stored at full precision differs in its last digits on another CPU, so nbval would
     compare bits no reader sees. For each reference ``{glue:text}`name:SPEC``` whose stored value
     is a float, formatting the value with SPEC and reading it back must give the stored value
     (store with ``companion.glue(name, value, SPEC)``); a reference to a name that no cell glued
-    is reported too.
+    is reported too. A reference ``other.ipynb::name`` is looked up in that notebook of ``book``.
     """
     problems = []
-    values = glued_values(nb)
-    for name, spec in _GLUE_REF.findall(prose):
+    stores = {"": glued_values(nb)}
+    for other, name, spec in _GLUE_REF.findall(prose):
+        if other not in stores:
+            path = book / other
+            stores[other] = glued_values(nbformat.read(path, as_version=4)) if path.exists() else {}
+        values = stores[other]
+        where = f"{other}::{name}" if other else name
         if name not in values:
-            problems.append(f"{label}: the prose refers to glue {name!r}, which no cell stores")
+            problems.append(f"{label}: the prose refers to glue {where!r}, which no cell stores")
             continue
         try:
             v = float(values[name])
@@ -353,15 +359,15 @@ def check_glue(prose: str, nb: nbformat.NotebookNode, label: str) -> list[str]:
             continue
         if not spec:
             if re.fullmatch(r"-?\d+\.\d{7,}(e[-+]\d+)?", values[name].strip()):
-                problems.append(f"{label}: glue {name!r} is shown unformatted at full precision ({values[name]})")
+                problems.append(f"{label}: glue {where!r} is shown unformatted at full precision ({values[name]})")
             continue
         try:
             shown = float(format(v, spec))
         except ValueError:
-            problems.append(f"{label}: glue {name!r}: bad format spec {spec!r}")
+            problems.append(f"{label}: glue {where!r}: bad format spec {spec!r}")
             continue
         if shown != v:
-            problems.append(f"{label}: glue {name!r} stores {values[name]} but the prose shows it as "
+            problems.append(f"{label}: glue {where!r} stores {values[name]} but the prose shows it as "
                             f"{format(v, spec)}; store only the digits shown "
                             f"(companion.glue({name!r}, value, {spec!r}))")
     return problems
