@@ -489,7 +489,7 @@ def _load_dictionary_learning(file: pathlib.Path, device, dtype, activation_scal
 
 def load_sae(path: str | pathlib.Path, *, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None, activation_scale: float | None = None) -> Checkpoint:
-    """Load a vanilla SAE checkpoint in the SAELens or dictionary_learning layout (Chapter 7).
+    """Load an SAE checkpoint in the SAELens or dictionary_learning layout (Chapter 7; Chapter 9 for TopK, BatchTopK, JumpReLU).
 
     Parameters
     ----------
@@ -513,7 +513,7 @@ def load_sae(path: str | pathlib.Path, *, device: torch.device | str | None = No
         A SAELens ``topk``, ``batchtopk`` or ``jumprelu`` checkpoint is read by
         :func:`companion.beyond_l1.load_sparse_sae` into a
         :class:`~companion.beyond_l1.SparseCheckpoint` (Chapter 9): no λ, but its ``k`` or
-        JumpReLU's :math:`\varepsilon`. Its ``dtype`` defaults to float64.
+        JumpReLU's ε. Its ``dtype`` defaults to float64.
 
     Raises
     ------
