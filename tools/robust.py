@@ -19,12 +19,16 @@ Each was measured to change the last bits of float32 sums or products on a machi
 CI uses (an AVX-512 CPU). The script exits 1 on any difference, printing the environment, the
 notebook, the cell and a short diff; 0 when every chapter printed its stored text everywhere.
 
-    python tools/robust.py [CHAPTER ...] [--env NAME ...] [--scratch DIR]
+    python tools/robust.py [CHAPTER ...] [--env NAME ...] [--scratch DIR] [--jobs N]
+
+Chapters run ``--jobs`` at a time (default: the cores available), each kernel in its own
+worker process with its environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import pathlib
 import subprocess
@@ -53,29 +57,33 @@ def describe(env: dict[str, str]) -> str:
     return done.stdout.strip() or done.stderr.strip()[-200:]
 
 
-def run(chapters: list[pathlib.Path], envs: list[str], scratch: pathlib.Path) -> list[str]:
-    """Execute ``chapters`` under each environment of ``envs``; the differences, labelled."""
-    problems = []
-    base = dict(os.environ)
+def _check(name: str, md: pathlib.Path, folder: pathlib.Path) -> tuple[list[str], float]:
+    """Execute ``md`` under environment ``name`` (in a worker process) and compare it."""
+    os.environ.update(ENVIRONMENTS[name])  # the kernel nbclient starts inherits this environment
+    start = time.perf_counter()
+    found = gpu_check.check_chapter(md, folder, f"this run ({name})")
+    return [f"[{name}] {d}" for d in found], time.perf_counter() - start
+
+
+def run(chapters: list[pathlib.Path], envs: list[str], scratch: pathlib.Path, jobs: int = 1) -> list[str]:
+    """Execute ``chapters`` under each environment of ``envs``, ``jobs`` kernels at a time (each
+    in a worker process of its own, so environments never mix); the differences, labelled."""
     for name in envs:
         env = ENVIRONMENTS[name]
         print(f"robust [{name}] {' '.join(f'{k}={v}' for k, v in env.items())}: {describe(env)}",
               flush=True)
-        folder = scratch / name
-        folder.mkdir(parents=True, exist_ok=True)
-        os.environ.clear()
-        os.environ.update(base, **env)      # the kernels nbclient starts inherit this environment
-        try:
-            for md in chapters:
-                start = time.perf_counter()
-                found = gpu_check.check_chapter(md, folder, f"this run ({name})")
-                print(f"  {md.stem}: {'same text outputs' if not found else f'{len(found)} differences'} "
-                      f"({time.perf_counter() - start:.0f} s)", flush=True)
-                problems += [f"[{name}] {d}" for d in found]
-        finally:
-            os.environ.clear()
-            os.environ.update(base)
-    return problems
+        (scratch / name).mkdir(parents=True, exist_ok=True)
+    tasks = [(name, md) for name in envs for md in chapters]
+    problems = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(_check, name, md, scratch / name): (name, md) for name, md in tasks}
+        for future in concurrent.futures.as_completed(futures):
+            name, md = futures[future]
+            found, seconds = future.result()
+            print(f"  [{name}] {md.stem}: {'same text outputs' if not found else f'{len(found)} differences'} "
+                  f"({seconds:.0f} s)", flush=True)
+            problems += found
+    return sorted(problems)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="an environment to run (repeatable; default: all of them)")
     ap.add_argument("--scratch", type=pathlib.Path, help="folder for the executed notebooks "
                     "(default: a new temporary folder, kept for inspection)")
+    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                    help="chapters executed at once (default: the CPU cores available; most "
+                         "chapter cells run on one thread)")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        print(f"robust: --jobs must be >= 1, got {args.jobs}")
+        return 2
 
     chapters, unknown = notebooks.select_chapters(args.chapters)
     if unknown:
@@ -97,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = args.scratch or pathlib.Path(tempfile.mkdtemp(prefix="robust-"))
     envs = args.env or list(ENVIRONMENTS)
     start = time.perf_counter()
-    problems = run(chapters, envs, scratch)
+    problems = run(chapters, envs, scratch, args.jobs)
     for p in problems:
         print(p)
     print(f"robust: {len(chapters)} chapters x {len(envs)} environments in "
