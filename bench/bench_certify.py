@@ -1,4 +1,4 @@
-"""Certify rows/s at the size of a GPT-2-small residual SAE, against a SPAMS pipeline (issue 23.7; a script, not a test).
+"""Certify rows/s at the size of a GPT-2-small residual SAE, against a SPAMS pipeline (a script, not a test).
 
 Size: d_in = 768, d_sae = 24576 (GPT-2 small's residual stream, 32x expansion), float32.
 No network: the SAE and its activations are synthetic, of that size, seeded. The decoder has
@@ -10,7 +10,7 @@ many atoms per row as generated the row).
 Compared, on the same rows, each in a fresh child process:
 
 * **companion**: ``certify_sae(sae, X, lam, statistics=False)`` (the two certificates; the
-  statistics of issue 23 are timed separately: ``statistics=True``);
+  sampling statistics are timed separately: ``statistics=True``);
 * **SPAMS pipeline**: the same two certificates (companion's accumulators) with the exact codes
   from ``spams.lasso(..., mode=2, pos=True)``, the per-row nonnegative lasso. SPAMS' LARS needs
   the Gram matrix ``D D^T`` (d_sae², 2.4 GB in float32): it is computed once, timed separately,
@@ -148,7 +148,7 @@ def main() -> None:
               f"{abs(ours['loss_exact'] - theirs['loss_exact']) / ours['loss_exact']:.1e} relative")
     stats = res.get(("companion+statistics", "cpu"))
     if ours and stats:
-        print(f"statistics (issue 23) cost: {stats['seconds'] / ours['seconds']:.2f}x the time without")
+        print(f"statistics cost: {stats['seconds'] / ours['seconds']:.2f}x the time without")
     gpu = res.get(("companion", "cuda"))
     if gpu:
         print(f"GPU ({torch.cuda.get_device_name()}): companion {args.rows / gpu['seconds']:.0f} rows/s")

@@ -1,4 +1,4 @@
-r"""Verdicts with statistics: what a certificate on a sample of rows says about the SAE (issue 23).
+r"""Verdicts with statistics: what a certificate on a sample of rows says about the SAE.
 
 A certificate computed on :math:`n` rows measures the sample as well as the SAE. The T2
 violation of an atom that fires on a handful of rows is large whatever the dictionary, and

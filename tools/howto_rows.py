@@ -1,6 +1,6 @@
 """The how-to's row-count measurement: one SAELens SAE on MiniLM, certified on 4k to 65k held-out tokens.
 
-A certificate on n rows measures the sample as well as the SAE (issue 23): the largest T2 over
+A certificate on n rows measures the sample as well as the SAE: the largest T2 over
 atoms falls as n grows because the atoms that set it fire on a handful of rows. This script
 measures how every summary of :func:`companion.interop.certify_checkpoint` behaves with n, for
 the how-to page (``book/howto_certify.md`` loads ``tools/howto_rows.json``):
