@@ -41,8 +41,8 @@ from .interop import Checkpoint, CheckpointWarning, load_sae
 from .runtime import generator, pick_device, progress_bar
 from .sae import VanillaSAE
 
-__all__ = ["LMActivations", "SAELensRun", "default_model_path", "lm_activations", "python_docs",
-           "train_saelens_sae"]
+__all__ = ["LMActivations", "SAELensRun", "default_model_path", "docs_corpus", "lm_activations",
+           "python_docs", "train_saelens_sae"]
 
 _MAX_LENGTH = 128
 _BATCH_SIZE = 32
@@ -113,6 +113,54 @@ def python_docs(min_words: int = 8) -> list[str]:
             if len(para.split()) >= min_words:
                 out.append(para)
     return out
+
+
+_CORPUS = pathlib.Path(__file__).resolve().parent / "data" / "python_docs_corpus.jsonl.gz"
+
+
+def docs_corpus(split: str = "all", test_share: float = 0.1, seed: int | None = 0) -> list[str]:
+    r"""Documents of the committed documentation corpus, split into training and held-out sources (Chapter 8).
+
+    The corpus (``companion/data/python_docs_corpus.jsonl.gz``, written once by
+    ``tools/lm_corpus.py`` so that every machine reads the same text) holds 13,803 paragraphs,
+    338k words: Python's documentation topics and the docstrings of the standard library's and
+    NumPy's public modules (Python Software Foundation License; NumPy's BSD-3-Clause licence).
+    Each paragraph belongs to a *source* (a topic or a module). Held out means from other
+    documents: a source is held out when the CRC-32 of its name, modulo 1000, is below
+    ``1000 * test_share``, so a module's docstrings are all on one side of the split, and the
+    split does not depend on the order of the file.
+
+    Parameters
+    ----------
+    split : {"all", "train", "test"}
+        Which documents.
+    test_share : float in (0, 1)
+        Share of the sources (by hash, not by size) held out.
+    seed : int or None
+        Shuffles the documents (a seeded permutation, so that a prefix is a random sample of
+        paragraphs); ``None`` keeps the file's order (sources sorted by name).
+
+    Returns
+    -------
+    list of str
+    """
+    import gzip
+    import json
+    import zlib
+
+    if split not in ("all", "train", "test"):
+        raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
+    if not 0 < float(test_share) < 1:
+        raise ValueError(f"test_share must lie in (0, 1), got {test_share!r}")
+    with gzip.open(_CORPUS, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    cut = 1000 * float(test_share)
+    docs = [r["text"] for r in rows
+            if split == "all" or (zlib.crc32(r["source"].encode()) % 1000 < cut) == (split == "test")]
+    if seed is not None:
+        order = torch.randperm(len(docs), generator=generator(seed)).tolist()
+        docs = [docs[i] for i in order]
+    return docs
 
 
 @contextlib.contextmanager
@@ -192,6 +240,7 @@ def lm_activations(
     max_length: int = _MAX_LENGTH,
     batch_size: int = _BATCH_SIZE,
     progress: bool = False,
+    out: str | os.PathLike | None = None,
 ) -> LMActivations:
     r"""Residual-stream activations of a transformer at the output of block ``layer`` (Chapter 8).
 
@@ -229,6 +278,11 @@ def lm_activations(
         Sequences per forward pass.
     progress : bool
         A tqdm bar on stderr over the forward passes (``TQDM_DISABLE=1`` turns it off).
+    out : str or path, optional
+        Write ``X`` batch by batch to this ``.npy`` file (float32, a NumPy memory map) instead
+        of holding it in memory; the returned ``X`` is a CPU tensor over the memory map, so
+        collections larger than memory work, and ``numpy.load(out, mmap_mode="r")`` reads them
+        later. Default: ``X`` in memory on ``device``.
 
     Returns
     -------
@@ -289,7 +343,10 @@ def lm_activations(
 
     # Batch by length; keep the rows in document order in the output.
     by_length = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][1]), i))
-    states: list[torch.Tensor | None] = [None] * len(encoded)
+    offsets = [0]
+    for e in encoded:
+        offsets.append(offsets[-1] + len(e[2]))
+    X, memmap = None, None
     hook = _stop_hook(layer, blocks)
     try:
         with torch.inference_mode():
@@ -309,13 +366,23 @@ def lm_activations(
                     hidden = stop.hidden
                 else:  # pragma: no cover - the hook always fires
                     raise RuntimeError("the stopping hook did not fire")
+                if X is None:              # the width is known once the first batch has run
+                    if out is not None:
+                        import numpy as np
+
+                        memmap = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=np.float32,
+                                                           shape=(total, hidden.shape[-1]))
+                        X = torch.from_numpy(memmap)
+                    else:
+                        X = torch.empty(total, hidden.shape[-1], dtype=torch.float32, device=dev)
                 for row, i in enumerate(idx):
-                    states[i] = hidden[row, encoded[i][2]].float()
+                    X[offsets[i]:offsets[i + 1]] = hidden[row, encoded[i][2]].float().to(X.device)
     finally:
         hook.remove()
+    if memmap is not None:
+        memmap.flush()
 
-    doc_index = {d: n for n, d in enumerate(sorted({e[0] for e in encoded}))}
-    X = torch.cat(states).contiguous()
+    doc_index = {k: n for n, k in enumerate(sorted({e[0] for e in encoded}))}
     token_ids = torch.tensor([e[1][p] for e in encoded for p in e[2]], dtype=torch.long)
     position = torch.tensor([p for e in encoded for p in e[2]], dtype=torch.long)
     doc = torch.tensor([doc_index[e[0]] for e in encoded for _ in e[2]], dtype=torch.long)
@@ -346,6 +413,9 @@ class SAELensRun:
         The book's :math:`\lambda` it was trained at.
     seed : int
         Seed of its initialisation (torch's generator, forked) and of the minibatch order.
+    eval_history : list of (int, float)
+        ``(steps done, book's SAE loss on eval_X)`` every ``eval_every`` steps and at the end
+        (empty without ``eval_X``).
     """
 
     sae: VanillaSAE
@@ -353,6 +423,7 @@ class SAELensRun:
     loss_history: list[float] = field(repr=False)
     lam: float
     seed: int
+    eval_history: list[tuple[int, float]] = field(default_factory=list, repr=False)
 
 
 @contextlib.contextmanager
@@ -371,7 +442,8 @@ def _silent_saelens_bar():
 def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLike, *,
                       steps: int = 1000, batch_size: int = 128, lr: float = 1e-3,
                       lr_decay_steps: int = 0, seed: int = 0,
-                      device: torch.device | str | None = None, progress: bool = False) -> SAELensRun:
+                      device: torch.device | str | None = None, progress: bool = False,
+                      eval_X: Any = None, eval_every: int = 100) -> SAELensRun:
     r"""Train a vanilla L1 SAE with SAELens on activations ``X``, save and reload it (Chapter 8).
 
     ``StandardTrainingSAE`` (ReLU encoder, decoder-norm-weighted L1, SAELens' default
@@ -405,6 +477,12 @@ def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLik
         Where to train. Default: the device of ``X``.
     progress : bool
         Show SAELens' own tqdm bar on stderr (off by default: stored notebook outputs have none).
+    eval_X : array (m, d_in), optional
+        Held-out rows: the book's SAE loss of the SAE being trained on them is recorded before
+        the first step, every ``eval_every`` steps and after the last
+        (:attr:`SAELensRun.eval_history`).
+    eval_every : int
+        Steps between two evaluations on ``eval_X``.
 
     Returns
     -------
@@ -430,6 +508,12 @@ def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLik
     dev = torch.device(device) if device is not None else Xt.device
     Xt = Xt.to(device=dev, dtype=torch.float32)
     n, d = Xt.shape
+    eval_every = check_positive_int(eval_every, "eval_every")
+    if eval_X is not None:
+        eval_X, _ = as_tensor(eval_X, "eval_X", ndim=2)
+        if eval_X.shape[1] != d:
+            raise ValueError(f"eval_X must have the {d} columns of X, got shape {tuple(eval_X.shape)}")
+        eval_X = eval_X.to(device=dev, dtype=torch.float32)
 
     def batches():
         g = generator(seed)
@@ -444,11 +528,25 @@ def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLik
                                                             l1_coefficient=2 * lam,
                                                             device=str(dev)))
     history: list[torch.Tensor] = []
+    evals: list[tuple[int, float]] = []
+
+    def evaluate(done: int) -> None:
+        if eval_X is None:
+            return
+        with torch.no_grad():
+            z = sae.encode(eval_X)
+            rec = 0.5 * (eval_X - sae.decode(z)).pow(2).sum(1)
+            pen = lam * (z * sae.W_dec.norm(dim=1)).sum(1)
+            evals.append((done, float((rec + pen).double().mean())))
 
     class _Recording(SAETrainer):
         def step(self, batch):
+            if not history:
+                evaluate(0)
             out = super().step(batch)
             history.append(out.loss.detach())
+            if len(history) % eval_every == 0 or len(history) == steps:
+                evaluate(len(history))
             return out
 
     cfg = SAETrainerConfig(total_training_samples=steps * batch_size,
@@ -465,4 +563,4 @@ def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLik
         checkpoint = load_sae(path, device=dev, dtype=torch.float64)
     losses = (torch.stack(history).double() / 2).cpu().tolist()
     return SAELensRun(sae=checkpoint.sae, checkpoint=checkpoint, loss_history=losses, lam=lam,
-                      seed=seed)
+                      seed=seed, eval_history=evals)

@@ -206,6 +206,9 @@ class SAETrainResult:
         The penalty it was trained with.
     seed : int
         The seed of its initialisation and minibatch order.
+    eval_history : list of (int, float)
+        ``(steps done, SAE loss on eval_X)`` every ``eval_every`` steps and at the end (empty
+        without ``eval_X``): the held-out curve.
     """
 
     sae: VanillaSAE
@@ -213,6 +216,7 @@ class SAETrainResult:
     final_loss: float
     lam: float
     seed: int
+    eval_history: list[tuple[int, float]] = field(default_factory=list, repr=False)
 
 
 # Below this many decoder entries a training step is a few dozen tiny kernels; on the CPU,
@@ -237,6 +241,8 @@ def train_sae(
     learn_decoder_bias: bool = True,
     num_threads: int | None = None,
     progress: bool = True,
+    eval_X: Any = None,
+    eval_every: int = 100,
 ) -> SAETrainResult:
     r"""Train a :class:`VanillaSAE` with Adam on the SAE loss of Chapter 1 (eq. ``sae-loss``).
 
@@ -290,6 +296,13 @@ def train_sae(
         does not change the result on a given machine beyond floating-point reduction order.
     progress : bool
         Show a tqdm bar on stderr (also silenced by the environment variable ``TQDM_DISABLE``).
+    eval_X : array (m, n_features), optional
+        Held-out rows: the SAE loss on them is recorded before the first step, every
+        ``eval_every`` steps and after the last (:attr:`SAETrainResult.eval_history`), so that
+        training can be stopped at a plateau of the held-out loss rather than of the training
+        loss (Chapter 8).
+    eval_every : int
+        Steps between two evaluations on ``eval_X``.
 
     Returns
     -------
@@ -311,6 +324,11 @@ def train_sae(
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if num_threads is not None:
         num_threads = check_positive_int(num_threads, "num_threads")
+    eval_every = check_positive_int(eval_every, "eval_every")
+    if eval_X is not None:
+        eval_X, _ = as_tensor(eval_X, "eval_X", ndim=2)
+        if eval_X.shape[1] != Xt.shape[1]:
+            raise ValueError(f"eval_X must have the {Xt.shape[1]} columns of X, got shape {tuple(eval_X.shape)}")
     if init == "data" and n_latents > Xt.shape[0]:
         raise ValueError(f"n_latents={n_latents} exceeds the {Xt.shape[0]} rows of X that init='data' draws atoms from")
     dev = torch.device(device) if device is not None else Xt.device
@@ -320,14 +338,17 @@ def train_sae(
         num_threads = None
     elif num_threads is None and n_latents * d <= _SMALL_MODEL:
         num_threads = 1
+    if eval_X is not None:
+        eval_X = eval_X.to(device=dev, dtype=Xt.dtype)
     with cpu_threads(num_threads):
         return _train(Xt, n_latents, lam, steps, min(batch_size, n), lr, seed, init,
-                      decoder_bias, learn_decoder_bias, progress)
+                      decoder_bias, learn_decoder_bias, progress, eval_X, eval_every)
 
 
 def _train(Xt: torch.Tensor, n_latents: int, lam: float, steps: int, bs: int, lr: float,
            seed: int, init: str, decoder_bias: str, learn_decoder_bias: bool,
-           progress: bool) -> SAETrainResult:
+           progress: bool, eval_X: torch.Tensor | None = None,
+           eval_every: int = 100) -> SAETrainResult:
     """The training loop of :func:`train_sae` (inputs validated, ``Xt`` on its device)."""
     dev = Xt.device
     n, d = Xt.shape
@@ -352,6 +373,14 @@ def _train(Xt: torch.Tensor, n_latents: int, lam: float, steps: int, bs: int, lr
     params = [p for p in sae.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     history = torch.empty(steps, dtype=Xt.dtype, device=dev)
+    evals: list[tuple[int, float]] = []
+
+    def evaluate(done: int) -> None:
+        if eval_X is not None:
+            with torch.no_grad():
+                evals.append((done, float(sae._loss(eval_X, lam))))
+
+    evaluate(0)
     perm, pos = torch.randperm(n, generator=g).to(dev), 0
     bar = progress_bar(range(steps), progress=progress, desc="train_sae", unit="step", file=sys.stderr,
                        leave=True)
@@ -368,11 +397,13 @@ def _train(Xt: torch.Tensor, n_latents: int, lam: float, steps: int, bs: int, lr
         loss.backward()
         opt.step()
         history[step] = loss.detach()
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            evaluate(step + 1)
     bar.close()
     with torch.no_grad():
         final = float(sae._loss(Xt, lam))
     return SAETrainResult(sae=sae, loss_history=history.cpu().tolist(), final_loss=final,
-                          lam=lam, seed=seed)
+                          lam=lam, seed=seed, eval_history=evals)
 
 
 @dataclass

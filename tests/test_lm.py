@@ -175,3 +175,45 @@ def test_train_saelens_sae_lr_decay_changes_only_the_last_steps(tmp_path):
     assert not torch.equal(decayed.sae.W_dec, constant.sae.W_dec)
     with pytest.raises(ValueError, match="lr_decay_steps must be an integer in"):
         train_saelens_sae(X, 16, 0.25, tmp_path / "d", steps=40, lr_decay_steps=40, **kw)
+
+
+def test_out_writes_a_memory_map_with_the_same_rows(tiny, tmp_path):
+    import numpy as np
+
+    kw = dict(model=str(tiny), layer=2, max_tokens=20, device="cpu")
+    in_memory = lm_activations(TEXTS, **kw)
+    mapped = lm_activations(TEXTS, out=tmp_path / "x.npy", **kw)
+    assert torch.equal(mapped.X, in_memory.X)
+    assert torch.equal(mapped.token_ids, in_memory.token_ids)
+    on_disk = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert on_disk.dtype == np.float32 and np.array_equal(on_disk, in_memory.X.numpy())
+
+
+def test_docs_corpus_splits_by_source_deterministically():
+    from companion.lm import docs_corpus
+
+    train, test, every = docs_corpus("train"), docs_corpus("test"), docs_corpus("all", seed=None)
+    assert len(train) + len(test) == len(every) > 10000
+    assert not set(train) & set(test)                   # paragraphs are unique, sides disjoint
+    assert 0.05 < len(test) / len(every) < 0.25
+    assert docs_corpus("train") == train and docs_corpus("train", seed=1) != train
+    assert sorted(docs_corpus("train", seed=None)) == sorted(train)
+    with pytest.raises(ValueError, match="split"):
+        docs_corpus("validation")
+    with pytest.raises(ValueError, match="test_share"):
+        docs_corpus("train", test_share=1.5)
+
+
+def test_train_saelens_sae_records_the_held_out_curve(tmp_path):
+    pytest.importorskip("sae_lens")
+    from companion.lm import train_saelens_sae
+
+    g = torch.Generator().manual_seed(0)
+    X, E = torch.randn(512, 8, generator=g) + 1.0, torch.randn(128, 8, generator=g) + 1.0
+    run = train_saelens_sae(X, 16, 0.25, tmp_path / "a", steps=25, batch_size=64, seed=0,
+                            eval_X=E, eval_every=10)
+    assert [s for s, _ in run.eval_history] == [0, 10, 20, 25]
+    # the last evaluation is the book's SAE loss of the saved SAE on eval_X (float32 training)
+    assert run.eval_history[-1][1] == pytest.approx(float(run.sae.loss(E.double(), 0.25).detach()), rel=1e-5)
+    with pytest.raises(ValueError, match="eval_X"):
+        train_saelens_sae(X, 16, 0.25, tmp_path / "b", steps=5, eval_X=E[:, :3])

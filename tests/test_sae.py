@@ -203,3 +203,15 @@ def test_plateau_fall_is_the_relative_fall_between_the_last_two_fifths():
 def test_plateau_fall_rejects_bad_inputs(history, tail, match):
     with pytest.raises(ValueError, match=match):
         companion.plateau_fall(history, tail=tail)
+
+
+def test_held_out_curve_is_the_loss_on_eval_X(data):
+    X = torch.as_tensor(data.X)
+    E = X[::3] + 0.1
+    run = train_sae(X, 8, 0.1, steps=30, batch_size=32, seed=0, progress=False, eval_X=E, eval_every=10)
+    assert [s for s, _ in run.eval_history] == [0, 10, 20, 30]
+    assert run.eval_history[-1][1] == pytest.approx(float(run.sae.loss(E, 0.1).detach()), rel=1e-12)
+    plain = train_sae(X, 8, 0.1, steps=30, batch_size=32, seed=0, progress=False)
+    assert torch.equal(plain.sae.W_dec, run.sae.W_dec) and plain.eval_history == []   # evaluation changes nothing
+    with pytest.raises(ValueError, match="eval_X"):
+        train_sae(X, 8, 0.1, steps=2, eval_X=E[:, :2], progress=False)
