@@ -1,4 +1,4 @@
-"""Local moves around a dictionary: curvature, dead atoms, new atoms and splits (THEORY §3; Chapter 2).
+"""Local moves around a dictionary: curvature, dead atoms, new atoms and splits (THEORY §3; the second-order chapter, book/ch02_second_order).
 
 Chapter 2 derives first-order conditions (T1 for the codes, T2 for the atoms) that every
 local minimum of the joint problem satisfies. They certify *stationarity*. This module holds the
