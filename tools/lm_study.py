@@ -72,6 +72,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--descent-seconds", type=float, default=1800)
     p.add_argument("--reuse-cache", action="store_true",
                    help="skip the collection when --cache already holds it (collect.json)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the SAEs (train.json) and stationary points (descent.json) already in --out")
     p.add_argument("--smoke", action="store_true", help="tiny: 90 documents, widths 16/32, one seed, 40 steps")
     return p.parse_args(argv)
 
@@ -146,8 +148,9 @@ def train_one(job: tuple[str, int, int], a: argparse.Namespace) -> dict:
               "heldout_steps": [s for s, _ in run.eval_history],
               "heldout": [round(v, 5) for _, v in run.eval_history], "heldout_rows": len(Tc)}
     (folder / "curves.json").write_text(json.dumps(curves))
-    return {"name": name(*job), "trainer": trainer, "K": K, "seed": seed,
-            "seconds": round(seconds, 1)}
+    record = {"name": name(*job), "trainer": trainer, "K": K, "seed": seed, "seconds": round(seconds, 1)}
+    (folder / "train.json").write_text(json.dumps(record))
+    return record
 
 
 def descend(job: tuple[str, int, int], a: argparse.Namespace) -> dict:
@@ -173,9 +176,11 @@ def descend(job: tuple[str, int, int], a: argparse.Namespace) -> dict:
                                        max_iter=100000, time_limit=a.descent_seconds,
                                        progress=False, n_threads=1)
     save_file({"D": fit.D.float().contiguous()}, str(folder / "stationary.safetensors"))
-    return {"name": name(*job), "rows": len(Xc), "converged": bool(fit.converged),
-            "message": fit.message, "n_iter": fit.n_iter, "t2": fit.certificate.t2_violation,
-            "loss_train": fit.loss, "seconds": round(time.perf_counter() - t0, 1)}
+    record = {"name": name(*job), "rows": len(Xc), "converged": bool(fit.converged),
+              "message": fit.message, "n_iter": fit.n_iter, "t2": fit.certificate.t2_violation,
+              "loss_train": fit.loss, "seconds": round(time.perf_counter() - t0, 1)}
+    (folder / "descent.json").write_text(json.dumps(record))
+    return record
 
 
 def main(argv=None) -> None:
@@ -189,8 +194,19 @@ def main(argv=None) -> None:
     data = collect(a)
     todo = jobs(a)
     done, descents = [], []
+    kept = lambda j, f: a.resume and (out / name(*j) / f).exists()
+    read = lambda j, f: json.loads((out / name(*j) / f).read_text())
     with cf.ProcessPoolExecutor(a.jobs, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(train_one, j, a): ("train", j) for j in todo}
+        futures = {}
+        for j in todo:
+            if kept(j, "train.json"):
+                done.append(read(j, "train.json"))
+                if j[0] == "saelens" and j[1] == a.headline:
+                    if kept(j, "descent.json"):
+                        descents.append(read(j, "descent.json"))
+                    else:
+                        futures[pool.submit(descend, j, a)] = ("descent", j)
+        futures.update({pool.submit(train_one, j, a): ("train", j) for j in todo if not kept(j, "train.json")})
         while futures:
             finished, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
             for f in finished:
@@ -212,6 +228,7 @@ def main(argv=None) -> None:
         "data": data, "saes": sorted(done, key=lambda r: todo.index((r["trainer"], r["K"], r["seed"]))),
         "stationary": sorted(descents, key=lambda r: r["name"]),
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "compute_seconds": round(sum(r["seconds"] for r in done + descents), 1),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "sae_lens": sae_lens.__version__, "transformers": transformers.__version__},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
