@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ._validation import as_tensor, check_positive, check_positive_int
+from ._validation import as_tensor, check_columns, check_positive, check_positive_int
 from .interop import Checkpoint, CheckpointWarning, load_sae
 from .runtime import generator, pick_device, progress_bar
 from .sae import VanillaSAE
@@ -511,8 +511,7 @@ def train_saelens_sae(X: Any, n_latents: int, lam: float, path: str | os.PathLik
     eval_every = check_positive_int(eval_every, "eval_every")
     if eval_X is not None:
         eval_X, _ = as_tensor(eval_X, "eval_X", ndim=2)
-        if eval_X.shape[1] != d:
-            raise ValueError(f"eval_X must have the {d} columns of X, got shape {tuple(eval_X.shape)}")
+        check_columns(eval_X, "eval_X", d, "X")
         eval_X = eval_X.to(device=dev, dtype=torch.float32)
 
     def batches():

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._validation import ArrayKind, as_tensor, check_positive, check_positive_int
+from ._validation import ArrayKind, as_tensor, check_columns, check_positive, check_positive_int
 from .coding import encode as exact_encode
 from .losses import joint_loss, sae_codes
 from .runtime import cpu_threads, generator, progress_bar
@@ -327,8 +327,7 @@ def train_sae(
     eval_every = check_positive_int(eval_every, "eval_every")
     if eval_X is not None:
         eval_X, _ = as_tensor(eval_X, "eval_X", ndim=2)
-        if eval_X.shape[1] != Xt.shape[1]:
-            raise ValueError(f"eval_X must have the {Xt.shape[1]} columns of X, got shape {tuple(eval_X.shape)}")
+        check_columns(eval_X, "eval_X", Xt.shape[1], "X")
     if init == "data" and n_latents > Xt.shape[0]:
         raise ValueError(f"n_latents={n_latents} exceeds the {Xt.shape[0]} rows of X that init='data' draws atoms from")
     dev = torch.device(device) if device is not None else Xt.device
