@@ -20,6 +20,56 @@ Two checkpoint layouts are read, both into a :class:`companion.sae.VanillaSAE`
 A tensor beyond these (``threshold``, ``k``, ``b_gate``, ``r_mag``, ...) belongs to another
 architecture, and the checkpoint is refused naming it, never silently dropped.
 
+dictionary_learning's TopK, BatchTopK and JumpReLU checkpoints (``config.json``'s
+``dict_class`` ``AutoEncoderTopK``, ``BatchTopKSAE``, ``JumpReluAutoEncoder``, or the trainers
+``TopKTrainer``, ``BatchTopKTrainer``, ``JumpReluTrainer`` that save them) are read into a
+:class:`companion.beyond_l1.SparseCheckpoint` holding a :class:`~companion.beyond_l1.SparseSAE`
+(Chapter 9), parameter for parameter, with the same codes and reconstructions:
+
+* ``AutoEncoderTopK`` — ``encoder.weight`` (d_sae, d_in), ``encoder.bias``,
+  ``decoder.weight`` (d_in, d_sae), ``b_dec``, buffers ``k`` (an integer) and ``threshold`` (a
+  scalar). Codes: the ``k`` largest of :math:`\mathrm{ReLU}(\mathrm{encoder}(x - b_{dec}))`,
+  :math:`\hat x = \mathrm{decoder}(z) + b_{dec}` (the default ``encode``; its ``threshold`` is
+  used only with ``use_threshold=True`` and is not read). Read as ``"topk"``: ``W_enc`` is
+  the transpose of ``encoder.weight``, ``b_enc`` is ``encoder.bias``, ``W_dec`` the transpose
+  of ``decoder.weight``, ``b_dec`` is ``b_dec`` and ``k`` the buffer's (``config.json``'s
+  ``k``, when present, must agree).
+* ``BatchTopKSAE`` — the same keys. Its inference ``encode`` keeps
+  :math:`\mathrm{ReLU}(h)` where it exceeds the one scalar ``threshold``
+  (:math:`h = \mathrm{encoder}(x - b_{dec})`; the batch top-k is training only): read as
+  ``"batchtopk"`` with that threshold for every latent (``ReLU(h)[ReLU(h) > θ]`` and
+  ``ReLU(h)[h > θ]`` agree for every θ). A negative threshold (the initial −1: training
+  stopped before ``threshold_start_step``) leaves a plain ReLU encoder; it is read as it is,
+  with a :class:`CheckpointWarning`. AutoEncoderTopK and BatchTopKSAE save the same keys and
+  encode differently, so without ``config.json``'s ``dict_class`` (or ``trainer_class``) such
+  a state dict is refused.
+* ``JumpReluAutoEncoder`` — ``W_enc`` (d_in, d_sae), ``b_enc``, ``W_dec`` (d_sae, d_in),
+  ``b_dec``, ``threshold`` (d_sae,): the SAELens layout, with
+  :math:`z = \mathrm{ReLU}(h\,[h > \theta])`, :math:`h = xW_{enc} + b_{enc}` (the trainer never
+  subtracts ``b_dec``: its ``apply_b_dec_to_input`` is False and not saved), folded exactly
+  into ``b_enc ← b_enc + b_dec W_enc``; :math:`\hat x = zW_{dec} + b_{dec}`. An early version of
+  the class multiplied its codes by :math:`\|W_{dec}[k]\|` in ``encode`` and divided them back
+  in ``decode``: the same reconstruction, and its codes are
+  :meth:`~companion.beyond_l1.SparseSAE.joint_view`'s codes on unit atoms. A state dict with
+  exactly these five keys is a JumpReLU one even without ``config.json``.
+
+The trainers keep every decoder row at unit norm (``set_decoder_norm_to_unit_norm``, up to
+float rounding), and no ``rescale_acts_by_decoder_norm`` applies. The budget and price of
+Chapter 9: TopK's ``k``; BatchTopK's mean budget ``k`` (no price recorded);
+JumpReLU's :math:`\varepsilon` in :math:`\tfrac12\|x-\hat x\|^2 + \varepsilon\|z\|_0` only where
+the recorded loss is :math:`\|x-\hat x\|^2 + c\,\|z\|_0`: the early ``TrainerJumpRelu``
+trained that loss, so :math:`\varepsilon = c/2` (the squared error is summed over features,
+not halved), but its ``config.json`` does not record :math:`c`; it is read when a config of
+that trainer records ``sparsity_penalty``. ``JumpReluTrainer`` penalises
+:math:`c\,(\bar\ell_0/\ell_0^{target} - 1)^2` with :math:`\bar\ell_0` the batch's mean L0: a pull
+towards ``target_l0``, not a price per latent. Linearised at a mean L0 :math:`\ell` its price
+is :math:`\varepsilon = c\,(\ell/\ell_0^{target} - 1)/\ell_0^{target}` (zero or negative at or below
+the target), and :math:`\ell` is not recorded: ``eps`` is None, with ``eps_source`` saying
+why; pass ``eps`` to :func:`certify_checkpoint`. dictionary_learning's
+``normalize_activations`` trains on :math:`x/s` and folds :math:`s` into the biases before
+saving, so the weights act on raw activations as read here; :math:`s` is not written to
+``config.json``, and a price learned on :math:`x/s` is :math:`s^2\varepsilon` on the raw scale.
+
 :func:`save_sae` writes our SAEs in the SAELens layout (``sae_lens.SAE.load_from_disk``
 reads them), and :func:`certify_sae` certifies any of them twice, streaming the activations
 chunk by chunk: the SAE as it is (its encoder's codes for its own dictionary), and its
@@ -62,8 +112,9 @@ summed over features, *not* halved), so its ``l1_coefficient`` :math:`\alpha` is
   (squared error, decoder-norm-weighted L1) implies :math:`\lambda` = ``l1_penalty``/2; the
   original ``StandardTrainer`` (unsquared error :math:`\|x-\hat x\|`, so the code condition
   T1 is not the one of this loss) and ``PAnnealTrainer`` (an :math:`L_p` penalty with
-  :math:`p` annealed below 1) are refused, as are TopK, BatchTopK, gated and JumpReLU
-  trainers; with no config or an unknown trainer no :math:`\lambda` is implied.
+  :math:`p` annealed below 1) are refused, as are gated and Matryoshka trainers and a
+  ``dict_class`` not read here; TopK, BatchTopK and JumpReLU have no :math:`\lambda` (see
+  above, Chapter 9); with no config or an unknown trainer no :math:`\lambda` is implied.
 * If the user passes :math:`\lambda` and the checkpoint implies one, they must agree to a
   relative ``1e-6``, else :class:`LamMismatchError` (a ``ValueError``) names both; pass
   ``override=True`` to certify deliberately at another :math:`\lambda`.
@@ -128,14 +179,22 @@ _SAELENS_OTHER = {
 #: SAELens architectures read into their own type by :func:`companion.beyond_l1.load_sparse_sae`
 #: (Chapter 9); their certificates are :func:`companion.beyond_l1.certify_sparse_sae`'s.
 _SPARSE_ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
-#: dictionary_learning trainers (and dictionary classes) of other architectures.
+#: dictionary_learning trainers (and dictionary classes) of architectures not read here.
 _DL_OTHER = {
-    "TopKTrainer": "TopK", "AutoEncoderTopK": "TopK", "BatchTopKTrainer": "BatchTopK",
-    "BatchTopKSAE": "BatchTopK", "MatryoshkaBatchTopKTrainer": "Matryoshka BatchTopK",
+    "MatryoshkaBatchTopKTrainer": "Matryoshka BatchTopK",
     "MatryoshkaBatchTopKSAE": "Matryoshka BatchTopK", "GatedSAETrainer": "gated",
     "GatedAutoEncoder": "gated", "GatedAnnealTrainer": "gated (annealed)",
-    "JumpReluTrainer": "JumpReLU", "JumpReluAutoEncoder": "JumpReLU",
 }
+#: dictionary_learning classes read into a VanillaSAE (Chapter 7) ...
+_DL_VANILLA_CLASSES = ("AutoEncoder", "AutoEncoderNew")
+#: ... and into a companion.beyond_l1.SparseSAE (Chapter 9), with the trainers that save them.
+_DL_SPARSE_CLASSES = {"AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
+                      "JumpReluAutoEncoder": "jumprelu"}
+_DL_SPARSE_TRAINERS = {"TopKTrainer": "topk", "BatchTopKTrainer": "batchtopk",
+                       "JumpReluTrainer": "jumprelu", "TrainerJumpRelu": "jumprelu"}
+#: state-dict keys of AutoEncoderTopK and BatchTopKSAE (the same), and of JumpReluAutoEncoder.
+_DL_TOPK_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold")
+_DL_JUMPRELU_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 
 class CheckpointError(ValueError):
@@ -433,6 +492,23 @@ def _dl_trainer(cfg: dict) -> tuple[str | None, str | None, Any]:
     return trainer.get("trainer_class"), trainer.get("dict_class"), trainer.get("l1_penalty")
 
 
+def _dl_architecture(cfg_path: pathlib.Path, trainer: Any, dict_class: Any) -> str | None:
+    """The sparse architecture ``config.json`` names (None: a vanilla class, or nothing said)."""
+    if dict_class is not None and (not isinstance(dict_class, str) or not (
+            dict_class in _DL_VANILLA_CLASSES or dict_class in _DL_SPARSE_CLASSES)):
+        raise CheckpointError(
+            f"{cfg_path}: dict_class {dict_class!r} is not a dictionary class read here: the class "
+            f"decides the encoder, and load_sae reads {', '.join(_DL_VANILLA_CLASSES)} (Chapter 7) "
+            f"and {', '.join(_DL_SPARSE_CLASSES)} (Chapter 9)")
+    by_class = _DL_SPARSE_CLASSES.get(dict_class) if dict_class is not None else None
+    by_trainer = _DL_SPARSE_TRAINERS.get(trainer) if isinstance(trainer, str) else None
+    if by_trainer is not None and dict_class is not None and by_class != by_trainer:
+        raise CheckpointError(
+            f"{cfg_path}: trainer_class {trainer!r} trains a {by_trainer} SAE but dict_class is "
+            f"{dict_class!r}: the two disagree, so the encoder is not known")
+    return by_class or by_trainer
+
+
 def _load_dictionary_learning(file: pathlib.Path, device, dtype, activation_scale) -> Checkpoint:
     if activation_scale is not None:
         raise CheckpointError("activation_scale applies to SAELens checkpoints only; "
@@ -441,26 +517,36 @@ def _load_dictionary_learning(file: pathlib.Path, device, dtype, activation_scal
     cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
     trainer, dict_class, l1 = _dl_trainer(cfg)
     for name in (trainer, dict_class):
-        if name in _DL_OTHER:
+        if isinstance(name, str) and name in _DL_OTHER:
             raise CheckpointError(
                 f"{cfg_path}: {name} trains a {_DL_OTHER[name]} SAE, not supported: only a vanilla "
-                "SAE (ReLU, L1 penalty) is the joint problem of this book")
+                "SAE (ReLU, L1 penalty) is the joint problem of this book, and TopK, BatchTopK and "
+                "JumpReLU SAEs are read for Chapter 9")
+    arch = _dl_architecture(cfg_path, trainer, dict_class)
+    if arch is not None:
+        return _load_dl_sparse(file, _dl_state(file), cfg, cfg_path, arch, trainer, device, dtype)
     if trainer == "StandardTrainer":
         raise CheckpointError(
             f"{cfg_path}: trainer_class 'StandardTrainer' (the original dictionary_learning trainer) "
             "minimises the unsquared error ||x - x_hat|| + l1_penalty ||f||_1; its code condition is "
             "not T1 of the squared-error loss, so the L1 theory of this book does not apply "
             "(StandardTrainerAprilUpdate's loss is supported)")
-    if trainer is not None and ("Anneal" in trainer or trainer.startswith("Lp")):
+    if isinstance(trainer, str) and ("Anneal" in trainer or trainer.startswith("Lp")):
         raise CheckpointError(
             f"{cfg_path}: trainer_class {trainer!r} trains with an Lp sparsity penalty (p annealed "
             "below 1), not the L1 penalty that the joint problem and T1 are about: not supported")
-    try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"could not read {file} as a torch state dict: {e}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file} must hold a state dict, got {type(state).__name__}")
+    state = _dl_state(file)
+    if dict_class is None:
+        if set(state) == set(_DL_JUMPRELU_KEYS):
+            return _load_dl_sparse(file, state, cfg, cfg_path, "jumprelu", trainer, device, dtype)
+        if set(state) in (set(_DL_TOPK_KEYS), set(_DL_TOPK_KEYS) - {"threshold"}):
+            where = (f"{cfg_path} has no dict_class or trainer_class to say which" if cfg else
+                     f"there is no {cfg_path.name} beside it: put the one its trainer wrote there "
+                     "(its dict_class says which)")
+            raise CheckpointError(
+                f"{file} holds the state dict of AutoEncoderTopK or BatchTopKSAE (the same keys "
+                f"{sorted(state)}), which encode differently (TopK: the k largest latents; BatchTopK: "
+                f"those above its threshold), and {where}")
     new = "decoder.bias" in state and "bias" not in state       # AutoEncoderNew
     names = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias" if new else "bias")
     _require(state, names, file)
@@ -485,6 +571,150 @@ def _load_dictionary_learning(file: pathlib.Path, device, dtype, activation_scal
         source = f"config.json trainer_class {trainer!r} is not one whose loss is known here (pass λ)"
     return Checkpoint(sae=sae, layout="dictionary_learning", path=file, lam=lam, lam_source=source,
                       l1_weighted_by_decoder_norm=weighted, trainer=trainer, cfg=cfg)
+
+
+def _dl_state(file: pathlib.Path) -> dict:
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or foreign files
+        raise CheckpointError(f"could not read {file} as a torch state dict: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} must hold a state dict, got {type(state).__name__}")
+    return state
+
+
+def _dl_float(state: dict, name: str, shape: tuple[int, ...], file: pathlib.Path) -> torch.Tensor:
+    """``state[name]`` as float64, checked: a floating tensor of ``shape``, finite."""
+    t = state[name]
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        kind = type(t).__name__ if not isinstance(t, torch.Tensor) else f"{t.dtype} tensor"
+        raise CheckpointError(f"{file}: {name} is a {kind}, not a floating-point tensor")
+    if tuple(t.shape) != shape:
+        raise CheckpointError(f"{file}: {name} has shape {tuple(t.shape)}, expected {shape}")
+    t = t.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{file}: {name} contains NaN or infinite entries")
+    return t
+
+
+def _dl_k(state: dict, tcfg: dict, file: pathlib.Path, cfg_path: pathlib.Path, d_sae: int) -> int:
+    """TopK's / BatchTopK's ``k``: the state dict's buffer, checked against ``config.json``'s."""
+    k_state = None
+    if "k" in state:
+        t = state["k"]
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.ndim > 1 or t.dtype == torch.bool:
+            got = f"shape {tuple(t.shape)}, {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{file}: k must be one integer (the buffer k), got {got}")
+        value = t.reshape(()).item()
+        if not math.isfinite(value) or not float(value).is_integer():
+            raise CheckpointError(f"{file}: k must be an integer, got {value!r}")
+        k_state = int(value)
+    k_cfg = _cfg_int(tcfg, "k", cfg_path)
+    if k_state is not None and k_cfg is not None and k_state != k_cfg:
+        raise CheckpointError(f"k: {file} holds k={k_state} but {cfg_path} says k={k_cfg}")
+    k = k_state if k_state is not None else k_cfg
+    if k is None:
+        raise CheckpointError(f"k is missing: {file} has no buffer k and "
+                              f"{cfg_path if tcfg else 'no config.json beside it'} records none")
+    if not 1 <= k <= d_sae:
+        raise CheckpointError(f"{file}: k={k} must lie in [1, d_sae={d_sae}]")
+    return k
+
+
+def _load_dl_sparse(file: pathlib.Path, state: dict, cfg: dict, cfg_path: pathlib.Path, arch: str,
+                    trainer: Any, device, dtype):
+    """A dictionary_learning AutoEncoderTopK / BatchTopKSAE / JumpReluAutoEncoder as a SparseCheckpoint (Chapter 9)."""
+    from .beyond_l1 import SparseCheckpoint, SparseSAE   # imported here: beyond_l1 imports this module
+
+    tcfg = cfg.get("trainer") if isinstance(cfg.get("trainer"), dict) else cfg
+    if arch == "jumprelu":
+        required, optional = _DL_JUMPRELU_KEYS, ()
+        first, layout = "W_enc", "(d_in, d_sae)"
+    else:
+        required = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec") + (
+            ("threshold",) if arch == "batchtopk" else ())
+        optional = ("k", "threshold")
+        first, layout = "encoder.weight", "(d_sae, d_in)"
+    _require(state, required, file)
+    extra = sorted(set(state) - set(required) - set(optional))
+    if extra:
+        raise CheckpointError(f"{file} holds tensors {extra} beside the {arch} SAE's "
+                              f"{sorted(set(required) | set(optional))}: another architecture")
+    w = state[first]
+    if not isinstance(w, torch.Tensor) or w.ndim != 2:
+        raise CheckpointError(f"{file}: {first} must be a 2-dimensional tensor {layout}, got "
+                              f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    d_in, d_sae = w.shape if arch == "jumprelu" else (w.shape[1], w.shape[0])
+    for key, value in (("activation_dim", d_in), ("dict_size", d_sae)):
+        stated = _cfg_int(tcfg, key, cfg_path)
+        if stated is not None and stated != value:
+            raise CheckpointError(f"{cfg_path} says {key}={stated} but {file}'s {first} has shape "
+                                  f"{tuple(w.shape)}")
+    k = None
+    if arch == "jumprelu":
+        W_enc = _dl_float(state, "W_enc", (d_in, d_sae), file)
+        b_dec = _dl_float(state, "b_dec", (d_in,), file)
+        # the trainer's encoder is ReLU(h [h > θ]), h = x W_enc + b_enc (no b_dec subtracted):
+        # h = (x - b_dec) W_enc + (b_enc + b_dec W_enc), the exact fold
+        b_enc = _dl_float(state, "b_enc", (d_sae,), file) + b_dec @ W_enc
+        W_dec = _dl_float(state, "W_dec", (d_sae, d_in), file)
+        theta = _dl_float(state, "threshold", (d_sae,), file)
+    else:
+        W_enc = _dl_float(state, "encoder.weight", (d_sae, d_in), file).T
+        b_enc = _dl_float(state, "encoder.bias", (d_sae,), file)
+        W_dec = _dl_float(state, "decoder.weight", (d_in, d_sae), file).T
+        b_dec = _dl_float(state, "b_dec", (d_in,), file)
+        k = _dl_k(state, tcfg, file, cfg_path, d_sae)
+        theta = torch.zeros(d_sae, dtype=torch.float64)
+        if "threshold" in state:
+            t = state["threshold"]
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else ()
+            scalar = _dl_float(state, "threshold", shape if shape in ((), (1,)) else (), file).reshape(())
+            if arch == "batchtopk":
+                theta = theta + scalar
+                if float(scalar) < 0:
+                    warnings.warn(
+                        f"{file}: BatchTopK threshold = {float(scalar):g} < 0, the value before the trainer "
+                        "first sets it (after threshold_start_step): dictionary_learning's inference "
+                        "encoder is then a plain ReLU with no sparsity, and it is read as such",
+                        CheckpointWarning, stacklevel=5)
+    sae = SparseSAE(d_in, d_sae, architecture=arch, k=k if arch == "topk" else None,
+                    device=device, dtype=dtype or torch.float64)
+    with torch.no_grad():
+        for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec),
+                        ("threshold", theta)):
+            getattr(sae, name).copy_(t.to(sae.W_dec.dtype))
+    eps, source = _dl_eps(arch, trainer, tcfg, cfg_path, bool(cfg))
+    return SparseCheckpoint(sae=sae, architecture=arch, k=None if k is None else float(k), eps=eps,
+                            eps_source=source, path=file, cfg=cfg)
+
+
+def _dl_eps(arch: str, trainer: Any, tcfg: dict, cfg_path: pathlib.Path,
+            has_cfg: bool) -> tuple[float | None, str]:
+    """JumpReLU's ε in ½‖x − x̂‖² + ε‖z‖₀ from dictionary_learning's config.json, or why there is none."""
+    if arch == "topk":
+        return None, "a TopK SAE has a budget k, no price eps"
+    if arch == "batchtopk":
+        return None, ("BatchTopK: a budget of k latents per sample on average; its price eps is not "
+                      "recorded (the global threshold plays its part)")
+    give = " (pass eps to certify_checkpoint or certify_sparse_sae)"
+    if not has_cfg:
+        return None, f"no {cfg_path.name} beside the checkpoint: the training loss is not recorded" + give
+    c = tcfg.get("sparsity_penalty")
+    if trainer == "JumpReluTrainer" or "target_l0" in tcfg:
+        return None, (f"{cfg_path.name}: JumpReluTrainer's sparsity loss sparsity_penalty * "
+                      f"(L0 / target_l0 - 1)^2 (sparsity_penalty={c!r}, target_l0={tcfg.get('target_l0')!r}) "
+                      "pulls the batch's mean L0 towards target_l0 and sets no price per latent; "
+                      "linearised at a mean L0 l its eps is sparsity_penalty * (l / target_l0 - 1) / "
+                      "target_l0, and l is not recorded" + give)
+    if trainer == "TrainerJumpRelu":
+        if c is None:
+            return None, (f"{cfg_path.name}: TrainerJumpRelu trained ||x - x_hat||^2 + sparsity_penalty * L0 "
+                          "(eps = sparsity_penalty / 2) but records no sparsity_penalty" + give)
+        eps = _positive_scale(c, f"{cfg_path.name} sparsity_penalty") / 2
+        return eps, (f"{cfg_path.name} sparsity_penalty / 2 (TrainerJumpRelu: ||x - x_hat||^2 + "
+                     "sparsity_penalty * L0, the squared error not halved)")
+    return None, f"{cfg_path.name}: trainer_class {trainer!r} is not one whose loss is known here" + give
 
 
 def load_sae(path: str | pathlib.Path, *, device: torch.device | str | None = None,
@@ -513,15 +743,21 @@ def load_sae(path: str | pathlib.Path, *, device: torch.device | str | None = No
         A SAELens ``topk``, ``batchtopk`` or ``jumprelu`` checkpoint is read by
         :func:`companion.beyond_l1.load_sparse_sae` into a
         :class:`~companion.beyond_l1.SparseCheckpoint` (Chapter 9): no λ, but its ``k`` or
-        JumpReLU's ε. Its ``dtype`` defaults to float64.
+        JumpReLU's ε. So is a dictionary_learning ``AutoEncoderTopK``, ``BatchTopKSAE`` or
+        ``JumpReluAutoEncoder`` ``ae.pt`` (with the ``config.json`` its trainer wrote beside it;
+        see the module docstring for how each parameter maps, and why a dictionary_learning
+        JumpReLU records no ε). Its ``dtype`` defaults to float64.
 
     Raises
     ------
     FileNotFoundError
         If ``path`` does not exist.
     CheckpointError
-        If the files are incomplete, corrupt, have inconsistent shapes, hold another
-        architecture or loss, or need an activation scale that is not known.
+        If the files are incomplete, corrupt, have inconsistent shapes, NaN or infinite entries,
+        hold another architecture or loss (or a dictionary_learning ``dict_class`` not read
+        here, or a TopK ``k`` that is missing, not an integer in ``[1, d_sae]`` or not the one
+        ``config.json`` records), or need an activation scale that is not known; the message
+        names the parameter.
     """
     if dtype is not None and dtype not in (torch.float32, torch.float64):
         raise TypeError(
@@ -1349,7 +1585,10 @@ def certify_checkpoint(checkpoint: Any, X: Any, *, lam: float | None = None, ove
         checkpoint (a :class:`~companion.beyond_l1.SparseCheckpoint`), the
         :class:`~companion.beyond_l1.SparseSAECertificate` of
         :func:`companion.beyond_l1.certify_sparse_sae` (Chapter 9) at the checkpoint's ``k`` or
-        :math:`\varepsilon`; of ``options`` it takes ``max_samples``, ``matched_l1``, ``tol``.
+        :math:`\varepsilon`; of ``options`` it takes ``max_samples``, ``matched_l1``, ``tol``,
+        and ``eps`` (JumpReLU, BatchTopK): the price to score the local moves under, needed for
+        a JumpReLU checkpoint that records none (dictionary_learning's, see :func:`load_sae`);
+        one that disagrees with the checkpoint's is a ``ValueError`` unless ``override``.
     """
     import copy
 
@@ -1377,7 +1616,18 @@ def certify_checkpoint(checkpoint: Any, X: Any, *, lam: float | None = None, ove
         if lam is not None:
             raise ValueError(f"lam applies to L1 SAEs; {ck.path} is a {ck.architecture} SAE, certified "
                              "under its own k or JumpReLU's eps (Chapter 9)")
-        return certify_sparse_sae(ck.sae, X, eps=ck.eps,
+        eps = options.get("eps")
+        if eps is None:
+            eps = ck.eps
+        else:
+            eps = check_positive(eps, "eps")
+            if ck.architecture == "topk":
+                raise ValueError(f"eps applies to JumpReLU and BatchTopK SAEs; {ck.path} is a TopK SAE, "
+                                 f"certified under its budget k={ck.k:g}")
+            if ck.eps is not None and abs(eps - ck.eps) > _LAM_RTOL * max(eps, ck.eps) and not override:
+                raise ValueError(f"eps={eps:g} disagrees with the checkpoint's eps={ck.eps:g} "
+                                 f"({ck.eps_source}); pass override=True to certify at another eps")
+        return certify_sparse_sae(ck.sae, X, eps=eps,
                                   **{k: v for k, v in options.items() if k in ("max_samples", "matched_l1", "tol")})
     lam_used = checkpoint_lam(ck, lam, override=override)
     if lam is None:

@@ -274,12 +274,20 @@ def test_dictionary_learning_trainers(tmp_path):
         load_sae(dl_dir(tmp_path / "std", dl_state(sae), "StandardTrainer"))
     with pytest.raises(CheckpointError, match="Lp sparsity penalty"):
         load_sae(dl_dir(tmp_path / "pan", dl_state(sae), "PAnnealTrainer"))
-    for trainer, dict_class, name in (("TopKTrainer", "AutoEncoderTopK", "TopK"),
-                                      ("BatchTopKTrainer", "BatchTopKSAE", "BatchTopK"),
-                                      ("GatedSAETrainer", "GatedAutoEncoder", "gated"),
-                                      ("JumpReluTrainer", "JumpReluAutoEncoder", "JumpReLU")):
+    for trainer, dict_class, name in (("GatedSAETrainer", "GatedAutoEncoder", "gated"),
+                                      ("MatryoshkaBatchTopKTrainer", "MatryoshkaBatchTopKSAE",
+                                       "Matryoshka BatchTopK")):
         with pytest.raises(CheckpointError, match=f"{name} SAE, not supported"):
             load_sae(dl_dir(tmp_path / trainer, dl_state(sae), trainer, dict_class))
+    # TopK, BatchTopK and JumpReLU configs are read for Chapter 9 (tests/test_dictionary_learning_sparse.py):
+    # a vanilla state dict beside one is missing that architecture's tensors, named
+    for trainer, dict_class, missing in (("TopKTrainer", "AutoEncoderTopK", "'b_dec'"),
+                                         ("BatchTopKTrainer", "BatchTopKSAE", "'b_dec', 'threshold'"),
+                                         ("JumpReluTrainer", "JumpReluAutoEncoder", "'W_enc'")):
+        with pytest.raises(CheckpointError, match=f"missing the tensors \\[{missing}"):
+            load_sae(dl_dir(tmp_path / trainer, dl_state(sae), trainer, dict_class))
+    with pytest.raises(CheckpointError, match="dict_class 'Custom' is not a dictionary class read here"):
+        load_sae(dl_dir(tmp_path / "custom", dl_state(sae), "StandardTrainerAprilUpdate", "Custom"))
     state = dl_state(sae)
     state["k"] = torch.tensor(4)
     with pytest.raises(CheckpointError, match=r"\['k'\]"):
