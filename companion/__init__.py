@@ -18,7 +18,7 @@ from .sae import (AmortisationGap, SAETrainResult, VanillaSAE, amortisation_gap,
 from .digits import DigitsActivations, digits_activations
 from .lm import LMActivations, lm_activations
 from .interop import (Checkpoint, CheckpointError, CheckpointWarning, LamMismatchError,
-                      SAECertificate, certify_checkpoint, certify_sae, checkpoint_lam, load_sae,
+                      SAECertificate, certify_checkpoint, certify_sae, checkpoint_eps, checkpoint_lam, load_sae,
                       open_activations, save_sae)
 from .verdict import CertificateStatistics
 from .beyond_l1 import (LocalMoves, MatchedL1, PlainStationarity, RefitGap, SparseCheckpoint,
@@ -101,6 +101,7 @@ __all__ = [
     "nnls_refit",
     "plain_centroid_stationarity",
     "refit_gap",
+    "checkpoint_eps",
     "checkpoint_lam",
     "load_sae",
     "save_sae",

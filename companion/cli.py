@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from .beyond_l1 import SparseCheckpoint, certify_sparse_sae
-from .interop import CheckpointError, CheckpointWarning, LamMismatchError, certify_sae, checkpoint_lam, load_sae, \
-    open_activations
+from .interop import (CheckpointError, CheckpointWarning, LamMismatchError, certify_sae, checkpoint_eps,
+                      checkpoint_lam, load_sae, open_activations)
 
 __all__ = ["build_parser", "main"]
 
@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="penalty λ > 0; optional when the checkpoint records it")
     c.add_argument("--override-lam", action="store_true",
                    help="certify at --lam even when it disagrees with the checkpoint's λ")
+    c.add_argument("--eps", type=float, default=None,
+                   help="JumpReLU/BatchTopK SAEs: the L0 price ε > 0 to certify at; needed when the "
+                        "checkpoint records none (Chapter 9)")
+    c.add_argument("--override-eps", action="store_true",
+                   help="certify at --eps even when it disagrees with the checkpoint's ε")
     c.add_argument("--json", metavar="OUT", default=None, help="also write the full report as JSON here")
     c.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="rows per chunk (memory grows with N * d_sae)")
@@ -188,6 +193,9 @@ def _certify(args: argparse.Namespace) -> int:
                         activation_scale=args.activation_scale)
     if isinstance(ckpt, SparseCheckpoint):
         return _certify_sparse(args, ckpt, rank)
+    if args.eps is not None:
+        raise InputError(f"--eps applies to JumpReLU and BatchTopK SAEs; {args.checkpoint} is an L1 SAE, "
+                         "certified at its λ")
     lam = checkpoint_lam(ckpt, args.lam, override=args.override_lam)
     A = _open_activations(pathlib.Path(args.activations), ckpt.sae.d_in)
     rows = _sample_rows(A.shape[0], max_rows, args.seed)
@@ -249,15 +257,27 @@ def _certify_sparse(args: argparse.Namespace, ckpt: SparseCheckpoint, rank: int)
     # the local moves cost a small NNLS per sample and candidate: 4096 random rows by default
     rows = _sample_rows(A.shape[0], args.max_rows if args.max_rows is not None else 4096, args.seed)
     X = np.array(A if rows is None else A[np.sort(rows)])
-    cert = certify_sparse_sae(ckpt.sae, X, eps=ckpt.eps, max_samples=None)
+    try:
+        eps = checkpoint_eps(ckpt, args.eps, override=args.override_eps)
+    except ValueError as e:
+        raise InputError(str(e).replace("pass override=True", "pass --override-eps")) from None
+    if eps is None and ckpt.architecture == "jumprelu":
+        raise InputError(f"{args.checkpoint} is a JumpReLU SAE and records no price eps "
+                         f"({ckpt.eps_source}); give it with --eps")
+    cert = certify_sparse_sae(ckpt.sae, X, eps=eps, max_samples=None)
     budget = f"k = {ckpt.k:g}" if ckpt.k is not None else "no k"
-    price = f"eps = {ckpt.eps:g} ({ckpt.eps_source})" if ckpt.eps is not None else f"no eps ({ckpt.eps_source})"
+    if eps is None:
+        price = f"no eps ({ckpt.eps_source})"
+    elif args.eps is not None:
+        price = f"eps = {eps:g} (from --eps)"
+    else:
+        price = f"eps = {eps:g} ({ckpt.eps_source})"
     print(f"checkpoint   {ckpt.path}  ({ckpt.architecture}; d_in={ckpt.sae.d_in}, d_sae={ckpt.sae.d_sae}; "
           f"{budget}; {price})\nactivations  {args.activations}  ({X.shape[0]} rows)\n")
     print(cert.summary())
     if args.json:
         payload = {"checkpoint": str(ckpt.path), "architecture": ckpt.architecture, "k": ckpt.k,
-                   "eps": ckpt.eps, "eps_source": ckpt.eps_source, "activations": str(args.activations),
+                   "eps": eps, "eps_source": "--eps" if args.eps is not None else ckpt.eps_source, "activations": str(args.activations),
                    "n_samples": int(X.shape[0]), "summary": cert.summary().splitlines()}
         try:
             pathlib.Path(args.json).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")

@@ -156,6 +156,7 @@ __all__ = [
     "SAECertificate",
     "certify_checkpoint",
     "certify_sae",
+    "checkpoint_eps",
     "checkpoint_lam",
     "load_sae",
     "open_activations",
@@ -1541,6 +1542,27 @@ def _is_sparse_checkpoint(ck: Any) -> bool:
     return isinstance(ck, SparseCheckpoint)
 
 
+def checkpoint_eps(checkpoint: Any, eps: float | None = None, *, override: bool = False) -> float | None:
+    r"""The JumpReLU price :math:`\varepsilon` to certify a TopK/BatchTopK/JumpReLU checkpoint at (Chapter 9).
+
+    ``eps=None`` gives the checkpoint's own (``None`` when it records none: a TopK SAE, a
+    BatchTopK SAE, or a JumpReLU checkpoint whose loss implies no price). A given ``eps`` must
+    be positive, is refused for a TopK SAE (certified under its budget ``k``), and must agree
+    with a recorded one unless ``override``.
+    """
+    if eps is None:
+        return checkpoint.eps
+    eps = check_positive(eps, "eps")
+    if checkpoint.architecture == "topk":
+        raise ValueError(f"eps applies to JumpReLU and BatchTopK SAEs; {checkpoint.path} is a TopK SAE, "
+                         f"certified under its budget k={checkpoint.k:g}")
+    if (checkpoint.eps is not None and not override
+            and abs(eps - checkpoint.eps) > _LAM_RTOL * max(eps, checkpoint.eps)):
+        raise ValueError(f"eps={eps:g} disagrees with the checkpoint's eps={checkpoint.eps:g} "
+                         f"({checkpoint.eps_source}); pass override=True to certify at another eps")
+    return eps
+
+
 def certify_checkpoint(checkpoint: Any, X: Any, *, lam: float | None = None, override: bool = False,
                        activation_scale: float | None = None, device: Any = None,
                        dtype: torch.dtype = torch.float64, progress: bool = True,
@@ -1616,17 +1638,7 @@ def certify_checkpoint(checkpoint: Any, X: Any, *, lam: float | None = None, ove
         if lam is not None:
             raise ValueError(f"lam applies to L1 SAEs; {ck.path} is a {ck.architecture} SAE, certified "
                              "under its own k or JumpReLU's eps (Chapter 9)")
-        eps = options.get("eps")
-        if eps is None:
-            eps = ck.eps
-        else:
-            eps = check_positive(eps, "eps")
-            if ck.architecture == "topk":
-                raise ValueError(f"eps applies to JumpReLU and BatchTopK SAEs; {ck.path} is a TopK SAE, "
-                                 f"certified under its budget k={ck.k:g}")
-            if ck.eps is not None and abs(eps - ck.eps) > _LAM_RTOL * max(eps, ck.eps) and not override:
-                raise ValueError(f"eps={eps:g} disagrees with the checkpoint's eps={ck.eps:g} "
-                                 f"({ck.eps_source}); pass override=True to certify at another eps")
+        eps = checkpoint_eps(ck, options.get("eps"), override=override)
         return certify_sparse_sae(ck.sae, X, eps=eps,
                                   **{k: v for k, v in options.items() if k in ("max_samples", "matched_l1", "tol")})
     lam_used = checkpoint_lam(ck, lam, override=override)

@@ -20,7 +20,8 @@ import torch
 
 from companion.beyond_l1 import SparseCheckpoint, SparseSAE
 from companion.cli import main
-from companion.interop import CheckpointError, CheckpointWarning, certify_checkpoint, load_sae
+from companion.interop import CheckpointError, CheckpointWarning, certify_checkpoint, load_sae, save_sae
+from companion.sae import VanillaSAE
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "data" / "dictionary_learning_sparse"
 KINDS = ("topk", "batchtopk", "jumprelu")
@@ -340,8 +341,43 @@ def test_the_cli_prints_chapter_9s_certificates_for_dictionary_learning(tmp_path
     assert "--lam applies to L1 SAEs" in capsys.readouterr().err
 
 
-def test_the_cli_says_a_dictionary_learning_jumprelu_needs_eps(tmp_path, capsys):
+def test_the_cli_certifies_a_dictionary_learning_jumprelu_at_the_eps_it_is_given(tmp_path, capsys):
     acts = tmp_path / "acts.npy"
     np.save(acts, np.random.default_rng(0).normal(size=(50, 6)))
     assert main(["certify", str(FIXTURES / "jumprelu"), str(acts)]) == 2
-    assert "give eps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "records no price eps" in err and "give it with --eps" in err
+    assert main(["certify", str(FIXTURES / "jumprelu"), str(acts), "--eps", "0.05",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "eps = 0.05 (from --eps)" in out and "local moves (eps=0.05)" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["eps"] == 0.05 and report["eps_source"] == "--eps"
+    for bad in (["--eps", "-1"], ["--eps", "0"]):
+        assert main(["certify", str(FIXTURES / "jumprelu"), str(acts), *bad]) == 2
+        assert "eps must be" in capsys.readouterr().err
+    assert main(["certify", str(FIXTURES / "topk"), str(acts), "--eps", "0.05"]) == 2
+    assert "eps applies to JumpReLU and BatchTopK" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_an_eps_that_disagrees_with_the_checkpoint_unless_overridden(tmp_path, capsys):
+    acts = tmp_path / "acts.npy"
+    np.save(acts, np.random.default_rng(0).normal(size=(50, 6)))
+    d = tmp_path / "early"
+    shutil.copytree(FIXTURES / "jumprelu", d)
+    (d / "config.json").write_text(json.dumps({"trainer": {"trainer_class": "TrainerJumpRelu",
+                                                           "sparsity_penalty": 0.1}}))
+    assert main(["certify", str(d), str(acts), "--eps", "0.2"]) == 2
+    assert "disagrees with the checkpoint's eps=0.05" in capsys.readouterr().err
+    assert main(["certify", str(d), str(acts), "--eps", "0.2", "--override-eps"]) == 0
+    assert "eps = 0.2 (from --eps)" in capsys.readouterr().out
+
+
+def test_the_cli_refuses_eps_for_an_l1_sae(tmp_path, capsys):
+    ck = tmp_path / "l1"
+    torch.manual_seed(0)
+    save_sae(VanillaSAE(6, 4), ck, lam=0.1)
+    acts = tmp_path / "acts.npy"
+    np.save(acts, np.random.default_rng(0).normal(size=(20, 6)))
+    assert main(["certify", str(ck), str(acts), "--eps", "0.05"]) == 2
+    assert "--eps applies to JumpReLU and BatchTopK SAEs" in capsys.readouterr().err
