@@ -279,31 +279,33 @@ def _moves_one(x, D, G, c_full, k, eps, tol):
     cA = c_full[A]
     r = x - cA @ D[A]
     err = 0.5 * float(r @ r)
-    cand = []  # (bound on decrease, kind, new support)
     outside = np.setdiff1d(np.arange(K), A)
-    # additions
-    if eps is not None or len(A) < k:
+    # candidate moves as parallel arrays: bound on the decrease, kind (0 add, 1 remove, 2 swap),
+    # the atom leaving (index into A, -1 for none) and the atom entering (index into outside, -1)
+    bounds, kinds, leave, enter = [], [], [], []
+
+    def add(b, kind, i, j):
+        bounds.append(b)
+        kinds.append(np.full(len(b), kind))
+        leave.append(np.broadcast_to(i, len(b)))
+        enter.append(np.broadcast_to(j, len(b)))
+
+    every = np.arange(len(outside))
+    if eps is not None or len(A) < k:                      # additions
         if len(A):
             Q, _ = np.linalg.qr(D[A].T)
             proj = np.sum((D[outside] @ Q) ** 2, 1)
         else:
             proj = np.zeros(len(outside))
         g = D[outside] @ r
-        den = np.maximum(1 - proj, 1e-15)
-        dec = 0.5 * np.maximum(g, 0) ** 2 / den
-        for j, b in zip(outside, dec):
-            bound = b - (eps or 0.0)
-            cand.append((bound, "add", np.sort(np.append(A, j))))
-    # removals (JumpReLU only: with a budget, a removal never lowers the squared error)
+        add(0.5 * np.maximum(g, 0) ** 2 / np.maximum(1 - proj, 1e-15) - (eps or 0.0), 0, -1, every)
     if len(A):
-        Ginv = np.linalg.inv(G[np.ix_(A, A)])
-        inc = 0.5 * cA ** 2 / np.diag(Ginv)
+        # removals (JumpReLU only: with a budget, a removal never lowers the squared error)
         if eps is not None:
-            for i, b in zip(A, inc):
-                cand.append((eps - b, "remove", A[A != i]))
-        # swaps
-        for i in A:
-            rest = A[A != i]
+            Ginv = np.linalg.inv(G[np.ix_(A, A)])
+            add(eps - 0.5 * cA ** 2 / np.diag(Ginv), 1, np.arange(len(A)), -1)
+        for a in range(len(A)):                            # swaps
+            rest = np.delete(A, a)
             if len(rest):
                 Q, _ = np.linalg.qr(D[rest].T)
                 r_i = x - Q @ (Q.T @ x)
@@ -312,21 +314,25 @@ def _moves_one(x, D, G, c_full, k, eps, tol):
                 r_i, proj = x, np.zeros(len(outside))
             err_i = 0.5 * float(r_i @ r_i)
             g = D[outside] @ r_i
-            dec = err - (err_i - 0.5 * np.maximum(g, 0) ** 2 / np.maximum(1 - proj, 1e-15))
-            for j, b in zip(outside, dec):
-                cand.append((b, "swap", np.sort(np.append(rest, j))))
-    cand.sort(key=lambda t: -t[0])
+            add(err - (err_i - 0.5 * np.maximum(g, 0) ** 2 / np.maximum(1 - proj, 1e-15)), 2, a, every)
+    names = ("add", "remove", "swap")
     scale = tol * max(err + (eps or 0.0) * len(A), 0.5 * float(x @ x), 1e-300)
     best, kind, n_exact = 0.0, "", 0
-    for bound, mv, B in cand:
-        if bound <= best + scale:
-            break
-        c, e = _nnls_on(x, D, B)
-        n_exact += 1
-        pen = 0.0 if eps is None else eps * (len(B) - len(A))
-        dec = err - e - pen
-        if dec > best + scale:
-            best, kind = dec, mv
+    if bounds:
+        bounds, kinds = np.concatenate(bounds), np.concatenate(kinds)
+        leave, enter = np.concatenate(leave), np.concatenate(enter)
+        for c in np.argsort(-bounds, kind="stable"):       # largest bound first
+            if bounds[c] <= best + scale:
+                break
+            B = A if leave[c] < 0 else np.delete(A, leave[c])
+            if enter[c] >= 0:
+                B = np.sort(np.append(B, outside[enter[c]]))
+            _, e = _nnls_on(x, D, B)
+            n_exact += 1
+            pen = 0.0 if eps is None else eps * (len(B) - len(A))
+            dec = err - e - pen
+            if dec > best + scale:
+                best, kind = dec, names[kinds[c]]
     return best, kind, n_exact, err + (eps * len(A) if eps is not None else 0.0)
 
 
