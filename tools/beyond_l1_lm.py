@@ -222,7 +222,7 @@ def measure(folder: pathlib.Path, arch: str, a, T: np.ndarray) -> dict:
         for budget in np.unique(own):           # tokens with the same L0 share one call
             rows = np.flatnonzero(own == budget)
             mv = bl.local_moves(Xc[rows], D, Zr[rows], k=int(budget), refit=False)
-            dec_n[rows], kind_n[rows], loss_n[rows] = mv.decrease, mv.move, mv.loss
+            dec_n[rows], kind_n[rows] = mv.decrease, mv.move
             loss_n[rows] = 0.5 * np.sum((Xc[rows] - Zr[rows] @ D) ** 2, 1)
         frac, dec, loss = float(np.mean(kind_n != "")), float(dec_n.mean()), float(loss_n.mean())
         by = {kind: float(np.mean(kind_n == kind)) for kind in ("add", "remove", "swap")}
